@@ -1,0 +1,35 @@
+# `make run`: set up .venv and run the whole lifecycle with `dvc repro`.
+# `make test`: set up .venv (with test extras) and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned; where a local wheel directory is configured (PIP_FIND_LINKS), uv must look there too
+FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: run test install params clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q uv >/dev/null 2>&1 || true
+	@if [ -x $(VENV)/bin/uv ]; then \
+		$(VENV)/bin/uv pip install -q --python $(PY) $(FIND_LINKS) -e '.[test]'; \
+	else \
+		$(PY) -m pip install -q -e '.[test]'; \
+	fi
+	@touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	dvc repro
+
+test: install
+	@OMP_NUM_THREADS=1 $(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+params: install
+	$(PY) -m pipeline.params
+
+clean:
+	rm -rf data/prepared artifacts metrics reports wandb outputs multirun

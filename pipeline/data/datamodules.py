@@ -1,0 +1,177 @@
+"""LightningDataModules that turn prepared splits into token batches for each objective.
+
+- PretrainData: documents joined into one token stream (each opened by <|bos|>); training draws
+  random windows of block_size + 1 tokens forever (the step budget ends training), validation reads
+  fixed consecutive windows of the held-out documents.
+- ChatData: SFT conversations → (input_ids, labels) right-padded; loss only on answers.
+- PreferenceData: (chosen, rejected) sequences for the reward model, stacked chosen-first.
+- PromptData: RL prompts, one list of rows per rollout batch.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from pipeline.data.prepare import load_split
+from pipeline.data.tokenizer import IGNORE_INDEX, ChatTokenizer
+
+
+def token_stream(tok: ChatTokenizer, texts: list[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for doc in tok.encode_batch(texts):
+        ids.append(tok.bos_id)
+        ids.extend(doc)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class RandomWindows(IterableDataset):
+    def __init__(self, stream: torch.Tensor, block_size: int, seed: int) -> None:
+        self.stream, self.block_size, self.seed = stream, block_size, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        g = torch.Generator().manual_seed(self.seed + 1000 * rank + (info.id if info else 0))
+        hi = len(self.stream) - self.block_size - 1
+        while True:
+            i = int(torch.randint(0, hi + 1, (1,), generator=g))
+            w = self.stream[i:i + self.block_size + 1]
+            yield {"input_ids": w[:-1], "labels": w[1:]}
+
+
+class FixedWindows(Dataset):
+    def __init__(self, stream: torch.Tensor, block_size: int) -> None:
+        self.stream, self.block_size = stream, block_size
+        self.n = max(0, (len(stream) - 1) // block_size)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        w = self.stream[i * self.block_size:(i + 1) * self.block_size + 1]
+        return {"input_ids": w[:-1], "labels": w[1:]}
+
+
+class PretrainData(L.LightningDataModule):
+    def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.data_dir, self.tok, self.block_size, self.batch_size, self.seed = data_dir, tok, block_size, batch_size, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_stream = token_stream(self.tok, [r["text"] for r in load_split(self.data_dir, "pretrain")])
+        self.val_stream = token_stream(self.tok, [r["text"] for r in load_split(self.data_dir, "pretrain_val")])
+        for name, s in (("pretrain", self.train_stream), ("pretrain_val", self.val_stream)):
+            if len(s) <= self.block_size + 1:
+                raise ValueError(f"split {name!r} has {len(s)} tokens, fewer than model.block_size + 2: "
+                                 "raise data.sizes or lower model.block_size")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(RandomWindows(self.train_stream, self.block_size, self.seed), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(FixedWindows(self.val_stream, self.block_size), batch_size=self.batch_size)
+
+
+def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def split_holdout(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_val = max(1, int(len(rows) * fraction))
+    return rows[n_val:], rows[:n_val]
+
+
+class ChatData(L.LightningDataModule):
+    """SFT conversations; a held-out slice of them is the validation set."""
+
+    def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
+                 val_fraction: float = 0.05) -> None:
+        super().__init__()
+        self.data_dir, self.tok, self.block_size = data_dir, tok, block_size
+        self.batch_size, self.seed, self.val_fraction = batch_size, seed, val_fraction
+
+    def encode(self, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+        out = []
+        for row in rows:
+            user, assistant = row["messages"][0]["content"], row["messages"][1]["content"]
+            ids, labels = self.tok.conversation(user, assistant)
+            if len(ids) > self.block_size:
+                raise ValueError(f"an SFT conversation has {len(ids)} tokens > model.block_size "
+                                 f"{self.block_size}: raise block_size or shorten data ({user!r})")
+            out.append((ids[:-1], labels[1:]))
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        train, val = split_holdout(load_split(self.data_dir, "sft"), self.val_fraction, self.seed)
+        self.train_set, self.val_set = self.encode(train), self.encode(val)
+
+    def collate(self, items: list[tuple[list[int], list[int]]]) -> dict:
+        return {"input_ids": pad_right([i for i, _ in items], self.tok.pad_id),
+                "labels": pad_right([l for _, l in items], IGNORE_INDEX)}
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
+                          collate_fn=self.collate, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate)
+
+
+class PreferenceData(L.LightningDataModule):
+    """Preference pairs; each batch stacks all chosen sequences, then all rejected ones."""
+
+    def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
+                 val_fraction: float) -> None:
+        super().__init__()
+        self.data_dir, self.tok, self.block_size = data_dir, tok, block_size
+        self.batch_size, self.seed, self.val_fraction = batch_size, seed, val_fraction
+
+    def encode(self, row: dict) -> tuple[list[int], list[int]]:
+        chosen, _ = self.tok.conversation(row["prompt"], row["chosen"])
+        rejected, _ = self.tok.conversation(row["prompt"], row["rejected"], with_end=row.get("rejected_has_end", True))
+        return chosen[:self.block_size], rejected[:self.block_size]
+
+    def setup(self, stage: str | None = None) -> None:
+        rows = load_split(self.data_dir, "preference")
+        self.train_rows, self.val_rows = split_holdout(rows, self.val_fraction, self.seed)
+        self.train_set = [self.encode(r) for r in self.train_rows]
+        self.val_set = [self.encode(r) for r in self.val_rows]
+
+    def collate(self, pairs: list[tuple[list[int], list[int]]]) -> dict:
+        seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+        return {"input_ids": pad_right(seqs, self.tok.pad_id), "last": torch.tensor([len(s) - 1 for s in seqs])}
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
+                          collate_fn=self.collate, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate)
+
+
+class PromptData(L.LightningDataModule):
+    """RL prompts drawn with replacement: `steps` batches of `batch_size` rows, one per PPO iteration."""
+
+    def __init__(self, data_dir: Path, batch_size: int, steps: int, seed: int) -> None:
+        super().__init__()
+        self.data_dir, self.batch_size, self.steps, self.seed = data_dir, batch_size, steps, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        self.rows = load_split(self.data_dir, "rl_prompts")
+        if not self.rows:
+            raise ValueError(f"{self.data_dir}/rl_prompts.jsonl is empty: raise data.sizes.rl_prompts")
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        sampler = torch.utils.data.RandomSampler(self.rows, replacement=True,
+                                                 num_samples=self.steps * self.batch_size, generator=g)
+        return DataLoader(self.rows, batch_size=self.batch_size, sampler=sampler, collate_fn=list)

@@ -1,0 +1,399 @@
+"""The prepare stage: validate the data config, generate every split, write them atomically.
+
+Holds `DataConfig` (the typed, validated form of `conf/data/*.yaml`), `prepare` (generation +
+writing + manifest + metrics), `SPLIT_FILES` and `load_split`.
+
+Design choices:
+- Validation happens before anything touches the disk, and each error names the field and
+  the fix, so a bad `-S data.x=...` fails in a second with nothing left behind.
+- Each split has its own `random.Random` seeded from (`seed`, split name), so changing one
+  split's size never reshuffles another. Eval splits use a seed that does not depend on
+  `seed` at all: every training seed is scored on the same questions.
+- Rows are sampled by key from `tasks.draw_key`, which rejects the wrong side of the eval
+  partition; an audit re-checks every key (including those behind pretraining prose)
+  before writing and refuses to write leaky data (`leaked_keys` is reported as 0).
+- Family counts are allocated by largest remainder and rows shuffled, so per-family counts
+  are exact and reproducible; eval draws unique keys and, when a family's eval pool is
+  smaller than its share, hands the rest to other families.
+- Files are written with HF `datasets` (the project's data layer) into a sibling temp dir
+  that replaces `out_dir` only when complete (`pipeline.io.atomic_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.data.tasks import FAMILIES, TaskSpace, draw_key, make_problem, problem_key_in_eval, prose_sentence, sample_corruption
+from pipeline.data.world import World, build_world, fact_document, story_document
+from pipeline.io import atomic_dir
+
+SPLIT_FILES: dict[str, str] = {
+    "pretrain": "pretrain.jsonl",
+    "pretrain_val": "pretrain_val.jsonl",
+    "sft": "sft.jsonl",
+    "preference": "preference.jsonl",
+    "rl_prompts": "rl_prompts.jsonl",
+    "eval": "eval.jsonl",
+    "eval_hard": "eval_hard.jsonl",
+}
+MANIFEST_FILE = "manifest.json"
+SIZE_FIELDS: tuple[str, ...] = ("pretrain_docs", "pretrain_val_docs", "sft", "preference", "rl_prompts", "eval", "eval_hard")
+# Share of each document kind in the pretraining corpus (fixed: `families` weights the chat splits).
+PRETRAIN_MIX: dict[str, float] = {"fact": 0.3, "story": 0.2, "arith": 0.3, "string": 0.2}
+EVAL_SEED = "eval-v1"
+_DOC_CHARS = (100, 400)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Validated data config; field names mirror conf/data/default.yaml."""
+
+    seed: int
+    digits: int
+    hard_digits: int
+    eval_fraction: float
+    families: dict[str, float]
+    world: dict[str, int]
+    sizes: dict[str, int]
+    string_len: dict[str, int]
+
+
+def _get(node: Any, name: str, path: str) -> Any:
+    try:
+        value = node[name] if hasattr(node, "keys") else getattr(node, name)
+    except Exception:  # KeyError, AttributeError, or OmegaConf's MissingMandatoryValue for `???`
+        raise ValueError(f"{path}.{name} is missing: add it (see conf/data/default.yaml)") from None
+    if value is None:
+        raise ValueError(f"{path}.{name} is null: set it (see conf/data/default.yaml)")
+    return value
+
+
+def _mapping(node: Any, path: str) -> dict[str, Any]:
+    if hasattr(node, "keys"):
+        return {str(k): node[k] for k in node.keys()}
+    if hasattr(node, "__dict__"):
+        return dict(vars(node))
+    raise ValueError(f"{path} must be a mapping, got {type(node).__name__}")
+
+
+def _int(value: Any, path: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{path} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{path} ({value}) must be at least {minimum}: raise it")
+    return value
+
+
+def validate_config(cfg: Any) -> DataConfig:
+    """Check `cfg` (DictConfig or any attribute/item mapping); raise ValueError naming the field."""
+    seed = _get(cfg, "seed", "data")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"data.seed must be an integer, got {seed!r}")
+    digits = _int(_get(cfg, "digits", "data"), "data.digits", 1)
+    hard = _int(_get(cfg, "hard_digits", "data"), "data.hard_digits", 1)
+    if hard <= digits:
+        raise ValueError(f"data.hard_digits ({hard}) must be greater than data.digits ({digits}): raise hard_digits")
+    frac = _get(cfg, "eval_fraction", "data")
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 0.5:
+        raise ValueError(f"data.eval_fraction ({frac!r}) must be in (0, 0.5]: e.g. 0.1")
+
+    families = _mapping(_get(cfg, "families", "data"), "data.families")
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"data.families has unknown families {unknown}: use only {list(FAMILIES)}")
+    for name, weight in families.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"data.families.{name} ({weight!r}) must be a non-negative number")
+    if not any(w > 0 for w in families.values()):
+        raise ValueError("data.families weights are all zero: give at least one family a positive weight")
+
+    world_node = _get(cfg, "world", "data")
+    world = {
+        "n_entities": _int(_get(world_node, "n_entities", "data.world"), "data.world.n_entities", 2),
+        "seed": _get(world_node, "seed", "data.world"),
+    }
+    if isinstance(world["seed"], bool) or not isinstance(world["seed"], int):
+        raise ValueError(f"data.world.seed must be an integer, got {world['seed']!r}")
+    sizes_node = _mapping(_get(cfg, "sizes", "data"), "data.sizes")
+    extra = sorted(set(sizes_node) - set(SIZE_FIELDS))
+    if extra:
+        raise ValueError(f"data.sizes has unknown entries {extra}: use only {list(SIZE_FIELDS)}")
+    sizes = {name: _int(_get(sizes_node, name, "data.sizes"), f"data.sizes.{name}", 1) for name in SIZE_FIELDS}
+    fact_docs = _allocate(sizes["pretrain_docs"], PRETRAIN_MIX)["fact"]
+    if fact_docs < world["n_entities"]:
+        raise ValueError(
+            f"data.sizes.pretrain_docs ({sizes['pretrain_docs']}) gives {fact_docs} fact documents, fewer than "
+            f"data.world.n_entities ({world['n_entities']}): raise pretrain_docs or lower n_entities"
+        )
+
+    sl_node = _get(cfg, "string_len", "data")
+    lo = _int(_get(sl_node, "min", "data.string_len"), "data.string_len.min", 2)
+    hi = _int(_get(sl_node, "max", "data.string_len"), "data.string_len.max", 2)
+    if lo > hi:
+        raise ValueError(f"data.string_len.min ({lo}) must not exceed data.string_len.max ({hi}): lower min or raise max")
+    return DataConfig(
+        seed=seed, digits=digits, hard_digits=hard, eval_fraction=float(frac),
+        families={f: float(families.get(f, 0)) for f in FAMILIES},
+        world=world, sizes=sizes, string_len={"min": lo, "max": hi},
+    )
+
+
+def _allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split `total` in proportion to `weights` (largest remainder; deterministic)."""
+    positive = {k: w for k, w in weights.items() if w > 0}
+    norm = sum(positive.values())
+    exact = {k: total * w / norm for k, w in positive.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    order = sorted(positive, key=lambda k: (-(exact[k] - counts[k]), list(weights).index(k)))
+    for k in order[: total - sum(counts.values())]:
+        counts[k] += 1
+    return {k: counts.get(k, 0) for k in weights}
+
+
+class _Generator:
+    """Builds every split's rows and remembers each training key for the leakage audit."""
+
+    def __init__(self, cfg: DataConfig, tick: Callable[[int], None]) -> None:
+        self.cfg = cfg
+        self.world: World = build_world(cfg.world["n_entities"], cfg.world["seed"])
+        self.space = TaskSpace(cfg.digits, cfg.string_len["min"], cfg.string_len["max"], self.world)
+        self.train_keys: set[str] = set()
+        self._tick = tick
+
+    def _rng(self, split: str) -> random.Random:
+        return random.Random(f"{split}:{self.cfg.seed}")
+
+    def _train_key(self, family: str, rng: random.Random) -> str:
+        key = draw_key(family, self.space, rng, self.cfg.eval_fraction, in_eval=False)
+        if key is None:
+            raise ValueError(f"family {family!r} has no problems outside the eval partition: lower "
+                             "data.eval_fraction or enlarge its space (data.world.n_entities, data.digits)")
+        self.train_keys.add(key)
+        return key
+
+    def _family_plan(self, total: int, rng: random.Random) -> list[str]:
+        plan = [f for f, n in _allocate(total, self.cfg.families).items() for _ in range(n)]
+        rng.shuffle(plan)
+        return plan
+
+    # ------------------------------------------------------------ pretraining
+    def pretrain(self, split: str, n_docs: int, avoid: set[str]) -> list[dict[str, str]]:
+        rng = self._rng(split)
+        kinds = [k for k, n in _allocate(n_docs, PRETRAIN_MIX).items() for _ in range(n)]
+        rng.shuffle(kinds)
+        subjects = list(self.world.entities)
+        rng.shuffle(subjects)
+        rows: list[dict[str, str]] = []
+        fact_i = 0
+        for kind in kinds:
+            for _ in range(20):  # retry the rare exact duplicate of a training document
+                if kind == "fact":  # round-robin so every entity's facts appear
+                    text = fact_document(self.world, subjects[fact_i % len(subjects)], rng)
+                elif kind == "story":
+                    text = story_document(self.world, rng.choice(subjects), rng)
+                else:
+                    text = self._problem_prose(kind, rng)
+                if text not in avoid:
+                    break
+            fact_i += kind == "fact"
+            rows.append({"text": text, "kind": kind})
+            self._tick(1)
+        return rows
+
+    def _problem_prose(self, kind: str, rng: random.Random) -> str:
+        families = ("add", "sub") if kind == "arith" else ("reverse", "sort", "count")
+        target = rng.randint(_DOC_CHARS[0] + 20, _DOC_CHARS[1] - 100)
+        text = ""
+        while len(text) < target:
+            sentence = prose_sentence(self._train_key(rng.choice(families), rng), self.world, rng)
+            if text and len(text) + 1 + len(sentence) > _DOC_CHARS[1]:
+                break
+            text = f"{text} {sentence}" if text else sentence
+        return text
+
+    # ------------------------------------------------------------ chat splits
+    def sft(self, n: int) -> list[dict[str, Any]]:
+        rng = self._rng("sft")
+        rows = []
+        for family in self._family_plan(n, rng):
+            p = make_problem(self._train_key(family, rng), self.world, rng)
+            rows.append({"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}],
+                         "family": family, "key": p.key, "answer": p.answer})
+            self._tick(1)
+        return rows
+
+    def preference(self, n: int) -> list[dict[str, Any]]:
+        rng = self._rng("preference")
+        rows = []
+        for family in self._family_plan(n, rng):
+            p = make_problem(self._train_key(family, rng), self.world, rng)
+            kind, rejected = sample_corruption(p.key, self.world, rng)
+            rows.append({"prompt": p.prompt, "chosen": p.answer, "rejected": rejected, "corruption": kind,
+                         "family": family, "key": p.key, "rejected_has_end": kind != "missing_end"})
+            self._tick(1)
+        return rows
+
+    def rl_prompts(self, n: int) -> list[dict[str, str]]:
+        rng = self._rng("rl_prompts")
+        rows = []
+        for family in self._family_plan(n, rng):
+            p = make_problem(self._train_key(family, rng), self.world, rng)
+            rows.append({"prompt": p.prompt, "answer": p.answer, "family": family, "key": p.key})
+            self._tick(1)
+        return rows
+
+    # ------------------------------------------------------------ eval splits
+    def eval_split(self, split: str, n: int, weights: dict[str, float], exact_digits: int | None) -> list[dict[str, str]]:
+        """Unique eval-partition keys; a family whose pool runs dry passes its remaining share on."""
+        rng = random.Random(f"{split}:{EVAL_SEED}")
+        pools: dict[str, list[str]] = {f: [] for f in weights}
+        seen: set[str] = set()
+        active = {f: w for f, w in weights.items() if w > 0}
+        while active and sum(map(len, pools.values())) < n:
+            want = _allocate(n - sum(map(len, pools.values())), active)
+            for family, count in want.items():
+                misses = 0
+                while count > 0 and misses < 200:
+                    key = draw_key(family, self.space, rng, self.cfg.eval_fraction, in_eval=True, exact_digits=exact_digits)
+                    if key is None:  # no eval key in 10k draws: the family has (almost) none
+                        break
+                    if key in seen:
+                        misses += 1
+                        continue
+                    misses = 0
+                    seen.add(key)
+                    pools[family].append(key)
+                    count -= 1
+                if count > 0:  # pool exhausted (200 straight repeats): drop from later rounds
+                    active.pop(family)
+        rows = []
+        for key in (k for f in weights for k in pools[f]):
+            p = make_problem(key, self.world, rng)
+            rows.append({"prompt": p.prompt, "answer": p.answer, "family": p.family, "key": p.key})
+            self._tick(1)
+        rng.shuffle(rows)
+        return rows
+
+
+def _hard_weights(families: dict[str, float]) -> dict[str, float]:
+    w = {"add": families["add"], "sub": families["sub"]}
+    return w if sum(w.values()) > 0 else {"add": 1.0, "sub": 1.0}
+
+
+def generate(cfg: DataConfig, tick: Callable[[int], None] = lambda n: None) -> tuple[dict[str, list[dict]], set[str]]:
+    """All splits' rows plus every key used for training (including pretraining prose)."""
+    gen = _Generator(cfg, tick)
+    s = cfg.sizes
+    splits: dict[str, list[dict]] = {"pretrain": gen.pretrain("pretrain", s["pretrain_docs"], set())}
+    splits["pretrain_val"] = gen.pretrain("pretrain_val", s["pretrain_val_docs"], {r["text"] for r in splits["pretrain"]})
+    splits["sft"] = gen.sft(s["sft"])
+    splits["preference"] = gen.preference(s["preference"])
+    splits["rl_prompts"] = gen.rl_prompts(s["rl_prompts"])
+    splits["eval"] = gen.eval_split("eval", s["eval"], cfg.families, None)
+    splits["eval_hard"] = gen.eval_split("eval_hard", s["eval_hard"], _hard_weights(cfg.families), cfg.hard_digits)
+    return splits, gen.train_keys
+
+
+def audit_leakage(splits: dict[str, list[dict]], train_keys: set[str], eval_fraction: float) -> int:
+    """Count keys on the wrong side of the partition, or shared between training and eval."""
+    train = train_keys | {r["key"] for name in ("sft", "preference", "rl_prompts") for r in splits[name]}
+    held = {r["key"] for name in ("eval", "eval_hard") for r in splits[name]}
+    wrong_side = sum(problem_key_in_eval(k, eval_fraction) for k in train)
+    wrong_side += sum(not problem_key_in_eval(k, eval_fraction) for k in held)
+    return wrong_side + len(train & held)
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    import datasets
+
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare(cfg: Any, out_dir: Path, progress: bool = True) -> dict[str, float | int]:
+    """Validate `cfg`, write all splits and manifest.json into `out_dir`, return flat metrics."""
+    config = validate_config(cfg)
+    out_dir = Path(out_dir)
+    bar = Progress(TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), disable=not progress)
+    task = bar.add_task("generating", total=sum(config.sizes.values()))
+    with bar:
+        splits, train_keys = generate(config, lambda n: bar.advance(task, n))
+        leaked = audit_leakage(splits, train_keys, config.eval_fraction)
+        if leaked:
+            raise RuntimeError(f"leakage audit found {leaked} eval-partition keys in training data; refusing to write")
+        bar.update(task, description="writing")
+        import datasets  # deferred: importing it costs ~1 s and validation errors should be instant
+
+        with _quiet_datasets(), atomic_dir(out_dir) as tmp:
+            for split, rows in splits.items():
+                datasets.Dataset.from_list(rows).to_json(tmp / SPLIT_FILES[split], lines=True, force_ascii=False)
+            manifest = _manifest(config, splits, {f: _sha256(tmp / f) for f in SPLIT_FILES.values()})
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return _metrics(config, splits, leaked)
+
+
+def _manifest(config: DataConfig, splits: dict[str, list[dict]], hashes: dict[str, str]) -> dict[str, Any]:
+    per_family = {
+        name: dict(sorted(Counter(r["kind"] if name.startswith("pretrain") else r["family"] for r in rows).items()))
+        for name, rows in splits.items()
+    }
+    return {
+        "config": asdict(config),
+        "files": dict(SPLIT_FILES),
+        "counts": {name: len(rows) for name, rows in splits.items()},
+        "per_family": per_family,
+        "corruptions": dict(sorted(Counter(r["corruption"] for r in splits["preference"]).items())),
+        "sha256": hashes,
+        "eval_partition": "sha256(key)[:8] as int / 2**32 < eval_fraction",
+    }
+
+
+def _metrics(config: DataConfig, splits: dict[str, list[dict]], leaked: int) -> dict[str, float | int]:
+    eval_fact_keys = {r["key"] for r in splits["eval"] if r["family"] == "fact"}
+    return {
+        "pretrain_docs": len(splits["pretrain"]),
+        "pretrain_chars": sum(len(r["text"]) for r in splits["pretrain"]),
+        "pretrain_val_docs": len(splits["pretrain_val"]),
+        "pretrain_val_chars": sum(len(r["text"]) for r in splits["pretrain_val"]),
+        "sft_rows": len(splits["sft"]),
+        "sft_unique_keys": len({r["key"] for r in splits["sft"]}),
+        "preference_rows": len(splits["preference"]),
+        "rl_prompts_rows": len(splits["rl_prompts"]),
+        "eval_rows": len(splits["eval"]),
+        "eval_hard_rows": len(splits["eval_hard"]),
+        "eval_fact_keys": len(eval_fact_keys),
+        "world_entities": config.world["n_entities"],
+        "leaked_keys": leaked,
+    }
+
+
+def load_split(data_dir: Path, split: str) -> list[dict]:
+    """Read one split back as a list of row dicts (plain JSON Lines parsing; fast)."""
+    if split not in SPLIT_FILES:
+        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLIT_FILES)}")
+    path = Path(data_dir) / SPLIT_FILES[split]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the prepare stage first")
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,105 @@
+"""Byte-level BPE with chat special tokens, and the chat template built on it.
+
+Training uses HF `tokenizers`: digits are split one per token before the byte-level step (as in
+LLaMA/nanochat) so arithmetic sees a consistent place-value alphabet instead of arbitrary merges.
+The special tokens are added first, so their ids are small and fixed: pad=0, bos=1, user=2,
+assistant=3, end=4 for the default list.
+
+The chat template is token-level, never string-level, so user text can't forge a special token:
+    <|bos|> <|user|> question <|assistant|> answer <|end|>
+SFT puts loss on `answer <|end|>` only; generation stops at `<|end|>`.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+ROLES = ("pad", "bos", "user", "assistant", "end")
+IGNORE_INDEX = -100
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
+    """Train a byte-level BPE on `texts`; the special tokens take the first ids in order."""
+    if len(special_tokens) < len(ROLES):
+        raise ValueError(f"tokenizer.special_tokens needs at least {len(ROLES)} entries "
+                         f"(in order: {', '.join(ROLES)}), got {special_tokens}")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(special_tokens):
+        raise ValueError(f"tokenizer.vocab_size ({vocab_size}) must be at least "
+                         f"{len(alphabet) + len(special_tokens)} (256 bytes + special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=alphabet, min_frequency=2, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class ChatTokenizer:
+    """A trained `tokenizers.Tokenizer` plus the ids and template of the chat format."""
+
+    def __init__(self, tok: Tokenizer, special_tokens: list[str], sha256: str = "") -> None:
+        self.tok = tok
+        # text that merely looks like "<|end|>" is encoded as bytes, never as the control token
+        self.tok.encode_special_tokens = True
+        self.sha256 = sha256
+        ids = {}
+        for role, token in zip(ROLES, special_tokens):
+            tid = tok.token_to_id(token)
+            if tid is None:
+                raise ValueError(f"special token {token!r} ({role}) is not in the tokenizer vocabulary")
+            ids[role] = tid
+        self.pad_id, self.bos_id = ids["pad"], ids["bos"]
+        self.user_id, self.assistant_id, self.end_id = ids["user"], ids["assistant"], ids["end"]
+        self.special_ids = frozenset(ids.values())
+
+    @classmethod
+    def load(cls, path: str | Path, special_tokens: list[str]) -> "ChatTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run the `tokenizer` stage first (dvc repro tokenizer)")
+        return cls(Tokenizer.from_file(str(path)), list(special_tokens), file_sha256(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        # special tokens typed as text by a user stay plain bytes, never control tokens
+        return self.tok.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([i for i in ids if i not in self.special_ids], skip_special_tokens=False)
+
+    def prompt(self, question: str) -> list[int]:
+        """Tokens that ask the model to answer `question` (ends with the assistant token)."""
+        return [self.bos_id, self.user_id, *self.encode(question), self.assistant_id]
+
+    def conversation(self, question: str, answer: str, with_end: bool = True) -> tuple[list[int], list[int]]:
+        """(input ids, labels) for one exchange; labels are IGNORE_INDEX except on the answer (+ end)."""
+        p = self.prompt(question)
+        a = self.encode(answer) + ([self.end_id] if with_end else [])
+        return p + a, [IGNORE_INDEX] * len(p) + a
+
+    def strip_response(self, ids: list[int]) -> list[int]:
+        """Cut a generated response at the first end token (exclusive)."""
+        return ids[:ids.index(self.end_id)] if self.end_id in ids else ids
+
+
+def iter_texts(rows: Iterable[dict], key: str = "text") -> Iterator[str]:
+    for row in rows:
+        yield row[key]

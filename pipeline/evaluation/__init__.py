@@ -1,0 +1,1 @@
+"""Scoring checkpoints and writing the lifecycle report."""

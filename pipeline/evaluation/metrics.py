@@ -1,0 +1,111 @@
+"""The measurements `evaluate` takes of every checkpoint, on the same prompts.
+
+- val_loss / perplexity: next-token loss on the eval split's answers (+ end token) in chat format.
+- exact_match: greedy answers checked by the generator's own checker; per family too, and on the
+  harder held-out split (`exact_match_hard`).
+- reward: mean reward-model score of the greedy exchanges.
+- kl_to_sft: sequences sampled from the checkpoint (temperature 1); at every generated position the
+  exact KL(checkpoint || SFT) over the whole vocabulary, summed over the response, averaged over prompts.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+
+from pipeline.data.tasks import check
+from pipeline.data.tokenizer import IGNORE_INDEX, ChatTokenizer
+from pipeline.inference.sampling import SamplingConfig, generate
+from pipeline.model import GPT
+from pipeline.objectives.reward import ScalarHead
+from pipeline.objectives.rollout import build_sequences
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def batches(rows: list, size: int) -> list[list]:
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+@torch.no_grad()
+def answer_loss(model: GPT, tok: ChatTokenizer, rows: list[dict], batch_size: int) -> float:
+    total, count = 0.0, 0
+    for chunk in batches(rows, batch_size):
+        pairs = [tok.conversation(r["prompt"], r["answer"]) for r in chunk]
+        width = max(len(ids) for ids, _ in pairs) - 1
+        x = torch.tensor([ids[:-1] + [tok.pad_id] * (width - len(ids) + 1) for ids, _ in pairs])
+        y = torch.tensor([lab[1:] + [IGNORE_INDEX] * (width - len(lab) + 1) for _, lab in pairs])
+        logits = model(x.to(model.wte.weight.device)).float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1).to(logits.device),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        total += float(loss)
+        count += int((y != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def respond(model: GPT, tok: ChatTokenizer, rows: list[dict], batch_size: int, sampling: SamplingConfig,
+            generator: torch.Generator | None = None, label: str = "generating") -> list[list[int]]:
+    out: list[list[int]] = []
+    for chunk in track(batches(rows, batch_size), description=label, transient=True):
+        out += generate(model, [tok.prompt(r["prompt"]) for r in chunk], sampling, stop_id=tok.end_id,
+                        pad_id=tok.pad_id, generator=generator)
+    return out
+
+
+def exact_match(tok: ChatTokenizer, rows: list[dict], responses: list[list[int]]) -> dict[str, float]:
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for row, resp in zip(rows, responses):
+        hits[row["family"]].append(check(row["answer"], tok.decode(tok.strip_response(resp))))
+    every = [h for fam in hits.values() for h in fam]
+    out = {"exact_match": sum(every) / max(len(every), 1)}
+    out.update({f"exact_match/{fam}": sum(h) / len(h) for fam, h in sorted(hits.items())})
+    return out
+
+
+@torch.no_grad()
+def reward_scores(rm: ScalarHead, tok: ChatTokenizer, rows: list[dict], responses: list[list[int]],
+                  batch_size: int) -> list[float]:
+    scores: list[float] = []
+    device = rm.head.weight.device
+    for i in range(0, len(rows), batch_size):
+        prompts = [tok.prompt(r["prompt"]) for r in rows[i:i + batch_size]]
+        resps = responses[i:i + batch_size]
+        seq, attn, mask, P = build_sequences(prompts, resps, tok.pad_id, device)
+        scores += rm(seq, P + mask.sum(1).clamp(min=1) - 1, attn).tolist()
+    return scores
+
+
+@torch.no_grad()
+def kl_to_reference(model: GPT, reference: GPT, tok: ChatTokenizer, rows: list[dict], batch_size: int,
+                    max_new_tokens: int, seed: int) -> float:
+    g = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
+    responses = respond(model, tok, rows, batch_size, SamplingConfig(max_new_tokens, 1.0), g, "sampling for KL")
+    total = 0.0
+    for i in range(0, len(rows), batch_size):
+        prompts = [tok.prompt(r["prompt"]) for r in rows[i:i + batch_size]]
+        seq, attn, mask, P = build_sequences(prompts, responses[i:i + batch_size], tok.pad_id, model.wte.weight.device)
+        logp = F.log_softmax(model(seq, attention_mask=attn)[:, P - 1:-1].float(), -1)
+        ref_logp = F.log_softmax(reference(seq, attention_mask=attn)[:, P - 1:-1].float(), -1)
+        kl = (logp.exp() * (logp - ref_logp)).sum(-1)
+        total += float((kl * mask).sum())
+    return total / max(len(rows), 1)
+
+
+def evaluate_checkpoint(model: GPT, tok: ChatTokenizer, eval_rows: list[dict], hard_rows: list[dict],
+                        reward_model: ScalarHead, sft: GPT, cfg, seed: int) -> dict[str, float]:
+    bs, new = cfg.batch_size, cfg.max_new_tokens
+    greedy = SamplingConfig(new, 0.0)
+    loss = answer_loss(model, tok, eval_rows, bs)
+    responses = respond(model, tok, eval_rows, bs, greedy)
+    hard = respond(model, tok, hard_rows, bs, greedy) if hard_rows else []
+    scores = reward_scores(reward_model, tok, eval_rows, responses, bs)
+    out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), **exact_match(tok, eval_rows, responses),
+           "exact_match_hard": exact_match(tok, hard_rows, hard)["exact_match"] if hard_rows else float("nan"),
+           "reward": sum(scores) / max(len(scores), 1),
+           "kl_to_sft": kl_to_reference(model, sft, tok, eval_rows[:cfg.kl_samples], bs, new, seed),
+           "response_length": sum(len(tok.strip_response(r)) for r in responses) / max(len(responses), 1),
+           "eos_rate": sum(tok.end_id in r for r in responses) / max(len(responses), 1)}
+    return {k: round(float(v), 6) for k, v in out.items()}

@@ -1,0 +1,1 @@
+"""Using a trained model: batched sampling with a KV cache."""

@@ -1,0 +1,1 @@
+"""One LightningModule per training objective; each wraps the same GPT."""

@@ -1,0 +1,136 @@
+"""PPO for RLHF: sample from the policy, score with the reward model, update with a clipped objective.
+
+Per rollout batch (Ouyang et al. 2022; TRL's PPOTrainer):
+1. the policy samples a response per prompt with the KV-cache sampler, stopping at <|end|>;
+2. the frozen reward model scores each full exchange at its last token (a response that never ends
+   loses `missing_eos_penalty`); the frozen SFT reference gives per-token log-probs;
+3. per-token reward = -kl_coef * KL estimate, plus the score on the last token;
+4. a critic (initialised from the reward model) gives values; GAE(gamma, lam) gives advantages;
+5. `ppo_epochs` passes over shuffled minibatches: clipped policy loss, clipped value loss,
+   optional entropy bonus.
+Metrics carry TRL's names (objective/kl, objective/scores, policy/clipfrac_avg, ...).
+"""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.data.tokenizer import ChatTokenizer
+from pipeline.inference.sampling import SamplingConfig, generate
+from pipeline.model import GPT
+from pipeline.objectives.base import Objective
+from pipeline.objectives.reward import ScalarHead
+from pipeline.objectives.rollout import (build_sequences, gae, kl_penalty, masked_mean, masked_whiten,
+                                         response_logprobs)
+
+
+def validate_ppo(cfg: DictConfig) -> None:
+    for name in ("steps", "rollout_batch", "ppo_epochs", "minibatch_size", "max_new_tokens"):
+        if int(cfg[name]) <= 0:
+            raise ValueError(f"align.{name} must be positive, got {cfg[name]}")
+    if cfg.minibatch_size > cfg.rollout_batch:
+        raise ValueError(f"align.minibatch_size ({cfg.minibatch_size}) must be <= align.rollout_batch ({cfg.rollout_batch})")
+    if cfg.kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"align.kl_estimator {cfg.kl_estimator!r} is unknown: choose k1 or k3")
+    if not (0 < cfg.cliprange < 1 and cfg.cliprange_value > 0):
+        raise ValueError("align.cliprange must be in (0, 1) and align.cliprange_value positive")
+
+
+def updates_per_run(cfg: DictConfig) -> int:
+    minibatches = -(-cfg.rollout_batch // cfg.minibatch_size)
+    return cfg.steps * cfg.ppo_epochs * minibatches
+
+
+class PPO(Objective):
+    """Trains `policy` and `critic`; `reference` and `reward_model` stay frozen."""
+
+    def __init__(self, policy: GPT, reference: GPT, critic: ScalarHead, reward_model: ScalarHead,
+                 tok: ChatTokenizer, cfg: DictConfig, seed: int) -> None:
+        super().__init__(cfg.optim, updates_per_run(cfg))
+        self.automatic_optimization = False
+        self.policy, self.reference, self.critic, self.reward_model = policy, reference, critic, reward_model
+        for frozen in (reference, reward_model):
+            frozen.requires_grad_(False).eval()
+        self.tok, self.cfg, self.seed = tok, cfg, seed
+        self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+        self.generator: torch.Generator | None = None
+
+    def on_train_start(self) -> None:
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    @torch.no_grad()
+    def rollout(self, rows: list[dict]) -> dict:
+        tok, c = self.tok, self.cfg
+        prompts = [tok.prompt(r["prompt"]) for r in rows]
+        responses = generate(self.policy, prompts, self.sampling, stop_id=tok.end_id, pad_id=tok.pad_id,
+                             generator=self.generator)
+        seq, attn, mask, P = build_sequences(prompts, responses, tok.pad_id, self.device)
+        lengths = mask.sum(1)
+        logp, _ = response_logprobs(self.policy, seq, attn, P)
+        ref_logp, _ = response_logprobs(self.reference, seq, attn, P)
+        values = self.critic.per_token(seq, attn)[:, P - 1:-1]
+        scores = self.reward_model(seq, P + lengths - 1, attn)
+        ended = torch.tensor([tok.end_id in r for r in responses], device=self.device)
+        scores = scores - c.missing_eos_penalty * (~ended).float()
+        kl = kl_penalty(logp, ref_logp, c.kl_estimator) * mask
+        rewards = -c.kl_coef * kl
+        rewards[torch.arange(len(rows)), lengths - 1] += scores
+        adv, returns = gae(rewards, values, mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            adv = masked_whiten(adv, mask)
+        return {"seq": seq, "attn": attn, "mask": mask, "P": P, "logp": logp, "values": values, "adv": adv,
+                "returns": returns, "scores": scores, "kl": kl.sum(1), "ended": ended.float(),
+                "lengths": lengths.float(), "neg_logp": (-logp * mask).sum(1)}
+
+    def training_step(self, rows: list[dict], batch_idx: int) -> None:
+        c = self.cfg
+        self.policy.eval()  # no dropout while sampling and scoring
+        b = self.rollout(rows)
+        self.policy.train()
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "vf", "approxkl", "clipfrac", "ratio", "vclipfrac", "entropy")}
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + self.global_step))
+            for mb in order.split(c.minibatch_size):
+                mb = mb.to(self.device)
+                m = b["mask"][mb]
+                logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True)
+                logratio = logp - b["logp"][mb]
+                ratio = logratio.exp()
+                adv = b["adv"][mb]
+                pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - c.cliprange, 1 + c.cliprange))
+                pg_loss = masked_mean(pg, m)
+                vpred = self.critic.per_token(b["seq"][mb], b["attn"][mb])[:, b["P"] - 1:-1]
+                old_v, ret = b["values"][mb], b["returns"][mb]
+                vclipped = old_v + (vpred - old_v).clamp(-c.cliprange_value, c.cliprange_value)
+                vf = 0.5 * torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2)
+                vf_loss = masked_mean(vf, m)
+                ent = masked_mean(entropy, m)
+                loss = pg_loss + c.vf_coef * vf_loss - c.entropy_coef * ent
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                self.clip_gradients(opt, gradient_clip_val=c.grad_clip, gradient_clip_algorithm="norm")
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    stats["pg"].append(pg_loss)
+                    stats["vf"].append(vf_loss)
+                    stats["approxkl"].append(masked_mean(0.5 * logratio ** 2, m))
+                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > c.cliprange).float(), m))
+                    stats["ratio"].append(masked_mean(ratio, m))
+                    stats["vclipfrac"].append(masked_mean(((vpred - old_v).abs() > c.cliprange_value).float(), m))
+                    stats["entropy"].append(ent)
+        avg = {k: torch.stack(v).mean() for k, v in stats.items()}
+        kl = b["kl"].mean()
+        self.log_dict({
+            "objective/kl": kl, "objective/scores": b["scores"].mean(),
+            "objective/rlhf_reward": (b["scores"] - c.kl_coef * b["kl"]).mean(),
+            "objective/entropy": b["neg_logp"].mean(), "objective/response_length": b["lengths"].mean(),
+            "objective/eos_rate": b["ended"].mean(),
+            "policy/approxkl_avg": avg["approxkl"], "policy/clipfrac_avg": avg["clipfrac"],
+            "policy/entropy_avg": avg["entropy"], "loss/policy_avg": avg["pg"], "loss/value_avg": avg["vf"],
+            "val/ratio": avg["ratio"], "val/clipfrac_avg": avg["vclipfrac"],
+            "lr": sched.get_last_lr()[0],
+        }, prog_bar=False)
+        self.log("train/score", b["scores"].mean(), prog_bar=True)
+        self.log("train/kl", kl, prog_bar=True)

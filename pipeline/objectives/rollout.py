@@ -1,0 +1,73 @@
+"""The toolkit RL methods share: pack prompt+response batches, per-token log-probs, masked stats, GAE.
+
+A rollout batch is laid out as [left-padded prompt | right-padded response], so every prompt ends at
+column P-1 and the response starts at column P for every row; the model gets positions from the
+attention mask, so padding on either side changes no logit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.inference.sampling import left_pad
+from pipeline.model import GPT
+
+
+def build_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(seq (B,P+R), attention_mask (B,P+R), response_mask (B,R), P)."""
+    p_ids, p_mask = left_pad(prompts, pad_id, device)
+    R = max(1, max(len(r) for r in responses))
+    r_ids = torch.full((len(responses), R), pad_id, dtype=torch.long, device=device)
+    r_mask = torch.zeros(len(responses), R, dtype=torch.bool, device=device)
+    for i, r in enumerate(responses):
+        if r:
+            r_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long, device=device)
+            r_mask[i, :len(r)] = True
+    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_mask, p_ids.size(1)
+
+
+def response_logprobs(model: GPT, seq: torch.Tensor, attn: torch.Tensor, P: int,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token) of each response token (B,R) and, optionally, the entropy of each step's distribution."""
+    logits = model(seq, attention_mask=attn)[:, P - 1:-1].float()
+    logp = F.log_softmax(logits, -1)
+    lp = logp.gather(-1, seq[:, P:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return lp, entropy
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return ((x - mean) * torch.rsqrt(var + eps)) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; positions past a row's end are zero."""
+    rewards, values = rewards * mask, values * mask
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    R = rewards.size(1)
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        adv[:, t] = running
+    return adv * mask, (adv + values) * mask
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate from sampled tokens: k1 = log r, k3 = (1/r - 1) + log r."""
+    logr = logp - ref_logp
+    if estimator == "k1":
+        return logr
+    if estimator == "k3":
+        return torch.expm1(-logr) + logr
+    raise ValueError(f"align.kl_estimator {estimator!r} is unknown: choose k1 or k3")

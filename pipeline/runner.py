@@ -1,0 +1,67 @@
+"""Runs a stage by name: environment, seeding, the stage's `run(cfg)`, and its metrics file.
+
+Every way of starting a stage ends here: `python -m stages.<name>` (dvc repro), `python -m pipeline
+stage=<name>` (Hydra, single or multirun) and the tests. A stage module `stages/<name>.py` exposes
+`run(cfg) -> dict` returning flat metrics; this module writes them to `metrics/<name>.json`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from pipeline.config import PROJECT_ROOT, load_params
+from pipeline.io import write_json
+
+STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "evaluate", "report")
+METRICS_DIR = Path("metrics")
+
+
+def setup_environment(cfg: DictConfig) -> None:
+    """Offline-first defaults; the user's environment always wins."""
+    logger = cfg.get("logger") or {}
+    os.environ.setdefault("WANDB_MODE", str(logger.get("mode") or "offline"))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HOME", str(Path(".cache/huggingface").resolve()))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threads = (cfg.get("trainer") or {}).get("num_threads")
+    if threads:
+        import torch
+        torch.set_num_threads(int(threads))
+
+
+def stage_module(name: str):
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}: choose one of {', '.join(STAGES)} (or `all`)")
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))
+    return importlib.import_module(f"stages.{name}")
+
+
+def run_stage(name: str, cfg: DictConfig) -> dict:
+    """Run one stage (or `all` in order) and write metrics/<name>.json."""
+    if name == "all":
+        return {s: run_stage(s, cfg) for s in STAGES}
+    module = stage_module(name)
+    setup_environment(cfg)
+    start = time.time()
+    metrics = module.run(cfg)
+    if not any(isinstance(v, dict) for v in metrics.values()):  # evaluate's table stays {checkpoint: {...}}
+        metrics = {**metrics, "wall_time_s": round(time.time() - start, 2)}
+    write_json(METRICS_DIR / f"{name}.json", metrics)
+    return metrics
+
+
+def main(name: str) -> None:
+    """Entry point of `python -m stages.<name>`: the committed params.yaml is the config."""
+    try:
+        run_stage(name, load_params())
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error in stage {name!r}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,147 @@
+"""The one place a Lightning `Trainer` is built, and `fit`, which every training stage calls.
+
+Strategy, precision, devices, nodes, loggers and callbacks all come from config (`trainer`,
+`strategy`, `logger` groups), so moving from the 2-core demo to GPUs is a Hydra choice, not a code
+edit. Each stage passes its own step budget and validation cadence.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import git_commit, run_group
+
+CURVES_DIR = Path("metrics/curves")
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+
+
+class CurveRecorder(Callback):
+    """Keeps every logged scalar, so a stage can write its curves as DVC plots.
+
+    Rows are written to `metrics/curves/<stage>_train.json` and `<stage>_val.json` (lists of
+    {"step": n, metric: value}), which dvc.yaml declares as plots.
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.train: list[dict] = []
+        self.val: list[dict] = []
+        self.val_keys: set[str] = set()
+
+    @staticmethod
+    def _row(trainer: L.Trainer, keep) -> dict:
+        row = {"step": int(trainer.global_step)}
+        for key, value in trainer.callback_metrics.items():
+            if keep(key) and value.numel() == 1:
+                row[key] = round(float(value), 6)
+        return row
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0 or (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
+            row = self._row(trainer, lambda k: k not in self.val_keys)
+            if len(row) > 1 and (not self.train or self.train[-1]["step"] != row["step"]):
+                self.train.append(row)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            row = self._row(trainer, lambda k: k.startswith("val/"))
+            self.val_keys.update(row)
+            if len(row) > 1 and (not self.val or self.val[-1]["step"] != row["step"]):
+                self.val.append(row)
+
+    def write(self) -> None:
+        CURVES_DIR.mkdir(parents=True, exist_ok=True)
+        for split, rows in (("train", self.train), ("val", self.val)):
+            (CURVES_DIR / f"{self.stage}_{split}.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def build_strategy(cfg: DictConfig):
+    """Map `conf/strategy/<name>.yaml` onto a Lightning strategy object."""
+    s = cfg.strategy
+    name = s.name
+    if name == "auto":
+        return "auto"
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+        return DDPStrategy(find_unused_parameters=bool(s.get("find_unused_parameters", False)),
+                           process_group_backend=s.get("process_group_backend"))
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from pipeline.model.gpt import Block
+        return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy=s.get("sharding_strategy", "FULL_SHARD"),
+                            activation_checkpointing_policy={Block} if s.get("activation_checkpointing") else None)
+    if name == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401  (optional extra)
+        except ImportError as err:
+            raise ValueError("strategy=deepspeed needs the optional extra: pip install -e '.[deepspeed]'") from err
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+        return DeepSpeedStrategy(stage=int(s.get("stage", 2)), offload_optimizer=bool(s.get("offload_optimizer", False)))
+    raise ValueError(f"strategy.name {name!r} is unknown: choose auto, ddp, fsdp or deepspeed (conf/strategy/)")
+
+
+def build_logger(cfg: DictConfig, stage: str):
+    """A WandbLogger for this stage (job_type = stage, group = the pipeline run), or False."""
+    lg = cfg.get("logger") or {}
+    if lg.get("name", "none") == "none":
+        return False
+    if lg.name != "wandb":
+        raise ValueError(f"logger.name {lg.name!r} is unknown: choose wandb or none (conf/logger/)")
+    from lightning.pytorch.loggers import WandbLogger
+
+    group = run_group(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["git_commit"] = git_commit()
+    Path(lg.get("save_dir", ".")).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(project=lg.project, entity=lg.get("entity"), group=group, job_type=stage,
+                       name=f"{stage}-{group}", save_dir=lg.get("save_dir", "."), config=config,
+                       log_model=False)
+
+
+def build_trainer(cfg: DictConfig, stage: str, *, max_steps: int = -1, max_epochs: int | None = None,
+                  val_every: int | None = None, val_batches: int | float = 1.0,
+                  grad_clip: float | None = None, accumulate: int = 1, log_every: int | None = None,
+                  callbacks: list[Callback] | None = None) -> L.Trainer:
+    t = cfg.trainer
+    if str(t.precision) not in PRECISIONS:
+        raise ValueError(f"trainer.precision {t.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+        strategy=build_strategy(cfg), max_steps=max_steps, max_epochs=max_epochs,
+        val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1,
+        limit_val_batches=val_batches, num_sanity_val_steps=0,
+        gradient_clip_val=grad_clip, accumulate_grad_batches=accumulate,
+        log_every_n_steps=log_every or t.log_every_n_steps, logger=build_logger(cfg, stage),
+        callbacks=callbacks or [], enable_checkpointing=False, deterministic=t.get("deterministic", False),
+        default_root_dir=f"outputs/lightning/{stage}", enable_model_summary=False,
+    )
+
+
+def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: DictConfig, stage: str,
+        validate: bool = True, **trainer_kwargs) -> tuple[L.Trainer, CurveRecorder, dict[str, float]]:
+    """Train `module` on `datamodule`, validate once more at the end, write curves, close the W&B run.
+
+    Returns the trainer, the recorded curves and the final validation metrics ({} if `validate` is off).
+    """
+    curves = CurveRecorder(stage)
+    trainer = build_trainer(cfg, stage, callbacks=[curves], **trainer_kwargs)
+    final: dict[str, float] = {}
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        if validate:
+            final = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+    finally:
+        for lg in trainer.loggers:
+            lg.finalize("success")
+        if trainer.logger is not None and hasattr(trainer.logger, "experiment"):
+            import wandb
+            if wandb.run is not None:
+                wandb.finish()
+    if trainer.is_global_zero:
+        curves.write()
+    return trainer, curves, final

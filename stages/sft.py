@@ -1,0 +1,36 @@
+"""Stage `sft`: finetune the pretrained GPT on chat conversations, loss on answers only."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+from omegaconf import DictConfig
+
+from pipeline.checkpoint import load_gpt, save_checkpoint
+from pipeline.context import DATA_DIR, checkpoint_meta, load_tokenizer, mean_of
+from pipeline.data.datamodules import ChatData
+from pipeline.objectives.base import validate_optim
+from pipeline.objectives.sft import SupervisedFinetuning
+from pipeline.runner import main
+from pipeline.train import fit
+
+
+def run(cfg: DictConfig) -> dict:
+    s = cfg.sft
+    validate_optim(s.optim, "sft")
+    tok = load_tokenizer(cfg)
+    model, _ = load_gpt("pretrain", tok.sha256)
+    L.seed_everything(cfg.seed, verbose=False)
+    data = ChatData(DATA_DIR, tok, model.config.block_size, s.batch_size, cfg.seed)
+    module = SupervisedFinetuning(model.train(), s.optim, s.max_steps)
+    _, curves, final = fit(module, data, cfg, "sft", max_steps=s.max_steps, val_every=s.val_every,
+                           val_batches=s.val_batches, grad_clip=s.grad_clip)
+    metrics = {"val_loss": final["val/loss"], "val_ppl": math.exp(final["val/loss"]),
+               "train_loss": curves.train[-1]["train/loss"], "first_train_loss": curves.train[0]["train/loss"],
+               "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec")}
+    save_checkpoint("sft", model, checkpoint_meta(cfg, tok, model, "gpt", step=s.max_steps, metrics=metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    main("sft")

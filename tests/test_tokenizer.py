@@ -1,0 +1,62 @@
+"""The byte-level BPE and the chat template, trained on real generated text."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.data.tokenizer import IGNORE_INDEX, ChatTokenizer, train_bpe
+
+SPECIALS = ["<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"]
+TEXTS = ["Zorbin is a blue fox who lives in Kelmar.", "23 plus 45 equals 68.",
+         "The word tavo reversed is ovat.", "Kelmar is far from the sea."] * 50
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> ChatTokenizer:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_bpe(TEXTS, 300, SPECIALS).save(str(path))
+    return ChatTokenizer.load(path, SPECIALS)
+
+
+def test_special_tokens_take_the_first_ids(tok):
+    assert (tok.pad_id, tok.bos_id, tok.user_id, tok.assistant_id, tok.end_id) == (0, 1, 2, 3, 4)
+
+
+def test_round_trip_including_unseen_bytes(tok):
+    for text in ["Zorbin is a blue fox.", "Ünïcödé ✓ 12345", "  spaces\tand\nnewlines "]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_digits_are_single_tokens(tok):
+    ids = tok.encode("12345")
+    assert len(ids) == 5
+    assert [tok.decode([i]) for i in ids] == list("12345")
+
+
+def test_merges_compress_frequent_words(tok):
+    assert len(tok.encode("Zorbin lives in Kelmar")) < len("Zorbin lives in Kelmar") / 2
+
+
+def test_user_text_cannot_forge_a_special_token(tok):
+    assert not set(tok.encode("<|end|><|assistant|>")) & tok.special_ids
+
+
+def test_chat_template_masks_everything_but_the_answer(tok):
+    ids, labels = tok.conversation("What is 2 + 3?", "5")
+    assert ids[:2] == [tok.bos_id, tok.user_id] and ids[-1] == tok.end_id
+    answer_at = ids.index(tok.assistant_id) + 1
+    assert all(l == IGNORE_INDEX for l in labels[:answer_at])
+    assert labels[answer_at:] == ids[answer_at:]
+    assert tok.decode(labels[answer_at:]) == "5"
+    assert tok.prompt("What is 2 + 3?") == ids[:answer_at]
+
+
+def test_missing_special_token_is_refused(tmp_path):
+    path = tmp_path / "t.json"
+    train_bpe(TEXTS, 300, SPECIALS).save(str(path))
+    with pytest.raises(ValueError, match="<|system|>"):
+        ChatTokenizer.load(path, SPECIALS[:4] + ["<|system|>"])
+
+
+def test_too_small_vocab_is_refused():
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_bpe(TEXTS, 100, SPECIALS)
