@@ -56,7 +56,8 @@ class CurveRecorder(Callback):
     def write(self) -> None:
         CURVES_DIR.mkdir(parents=True, exist_ok=True)
         for split, rows in (("train", self.train), ("val", self.val)):
-            (CURVES_DIR / f"{self.stage}_{split}.json").write_text(json.dumps(rows, indent=1) + "\n")
+            if rows:
+                (CURVES_DIR / f"{self.stage}_{split}.json").write_text(json.dumps(rows) + "\n")
 
 
 def build_strategy(cfg: DictConfig):

@@ -4,23 +4,16 @@ from __future__ import annotations
 import lightning as L
 from omegaconf import DictConfig
 
-from pipeline.checkpoint import load_gpt, load_into, save_checkpoint
+from pipeline.checkpoint import load_gpt, save_checkpoint
 from pipeline.context import DATA_DIR, checkpoint_meta, load_tokenizer, mean_of
 from pipeline.data.datamodules import PromptData
-from pipeline.model import GPT
 from pipeline.objectives.base import validate_optim
 from pipeline.objectives.ppo import PPO, validate_ppo
-from pipeline.objectives.reward import ScalarHead
+from pipeline.objectives.reward import load_reward_model
 from pipeline.runner import main
 from pipeline.train import fit
 
 METHODS = ("ppo",)
-
-
-def load_reward_model(tok_sha: str, config) -> ScalarHead:
-    model = ScalarHead(GPT(config))
-    load_into("reward", model, "reward", tok_sha)
-    return model
 
 
 def run(cfg: DictConfig) -> dict:
@@ -32,11 +25,12 @@ def run(cfg: DictConfig) -> dict:
     tok = load_tokenizer(cfg)
     policy, _ = load_gpt("sft", tok.sha256)
     reference, _ = load_gpt("sft", tok.sha256)
-    reward_model = load_reward_model(tok.sha256, policy.config)
-    critic = load_reward_model(tok.sha256, policy.config)  # TRL's default: the critic starts as the RM
+    reward_model = load_reward_model(policy.config, tok.sha256)
+    # TRL's default: the critic starts as the reward model
+    critic = load_reward_model(policy.config, tok.sha256).drop_likelihood_term()
     L.seed_everything(cfg.seed, verbose=False)
     module = PPO(policy.train(), reference, critic.train(), reward_model, tok, a, cfg.seed)
-    data = PromptData(DATA_DIR, a.rollout_batch, a.steps, cfg.seed)
+    data = PromptData(DATA_DIR, a.rollout_batch, a.steps + a.critic_warmup, cfg.seed)
     _, curves, _ = fit(module, data, cfg, "align", validate=False, max_epochs=1, log_every=1)
     rows = curves.train
     head, tail = rows[: max(1, len(rows) // 4)], rows[-max(1, len(rows) // 4):]

@@ -4,12 +4,11 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from pipeline.checkpoint import load_gpt, load_into
+from pipeline.checkpoint import load_gpt
 from pipeline.context import DATA_DIR, load_tokenizer
 from pipeline.data.prepare import load_split
 from pipeline.evaluation.metrics import evaluate_checkpoint
-from pipeline.model import GPT
-from pipeline.objectives.reward import ScalarHead
+from pipeline.objectives.reward import load_reward_model
 from pipeline.runner import main
 
 CHECKPOINTS = ("pretrain", "sft", "aligned")
@@ -23,9 +22,7 @@ def run(cfg: DictConfig) -> dict:
     eval_rows = load_split(DATA_DIR, "eval")[: e.max_problems]
     hard_rows = load_split(DATA_DIR, "eval_hard")[: e.max_problems]
     sft, _ = load_gpt("sft", tok.sha256)
-    reward_model = ScalarHead(GPT(sft.config))
-    load_into("reward", reward_model, "reward", tok.sha256)
-    reward_model.eval()
+    reward_model = load_reward_model(sft.config, tok.sha256).eval()
     results = {}
     for name in CHECKPOINTS:
         model, _ = load_gpt(name, tok.sha256)

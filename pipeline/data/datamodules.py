@@ -129,25 +129,33 @@ class PreferenceData(L.LightningDataModule):
     """Preference pairs; each batch stacks all chosen sequences, then all rejected ones."""
 
     def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
-                 val_fraction: float) -> None:
+                 val_fraction: float, extra_rows: list[dict] | None = None) -> None:
         super().__init__()
         self.data_dir, self.tok, self.block_size = data_dir, tok, block_size
         self.batch_size, self.seed, self.val_fraction = batch_size, seed, val_fraction
+        self.extra_rows = extra_rows or []
 
-    def encode(self, row: dict) -> tuple[list[int], list[int]]:
+    def encode(self, row: dict) -> tuple[tuple[list[int], int], tuple[list[int], int]]:
+        """((chosen ids, prompt length), (rejected ids, prompt length))."""
+        n_prompt = len(self.tok.prompt(row["prompt"]))
         chosen, _ = self.tok.conversation(row["prompt"], row["chosen"])
         rejected, _ = self.tok.conversation(row["prompt"], row["rejected"], with_end=row.get("rejected_has_end", True))
-        return chosen[:self.block_size], rejected[:self.block_size]
+        return (chosen[:self.block_size], n_prompt), (rejected[:self.block_size], n_prompt)
 
     def setup(self, stage: str | None = None) -> None:
-        rows = load_split(self.data_dir, "preference")
+        rows = load_split(self.data_dir, "preference") + self.extra_rows
         self.train_rows, self.val_rows = split_holdout(rows, self.val_fraction, self.seed)
         self.train_set = [self.encode(r) for r in self.train_rows]
         self.val_set = [self.encode(r) for r in self.val_rows]
 
-    def collate(self, pairs: list[tuple[list[int], list[int]]]) -> dict:
-        seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-        return {"input_ids": pad_right(seqs, self.tok.pad_id), "last": torch.tensor([len(s) - 1 for s in seqs])}
+    def collate(self, pairs: list) -> dict:
+        items = [c for c, _ in pairs] + [r for _, r in pairs]
+        ids = pad_right([s for s, _ in items], self.tok.pad_id)
+        pos = torch.arange(ids.size(1))[None, :]
+        lengths = torch.tensor([len(s) for s, _ in items])[:, None]
+        starts = torch.tensor([n for _, n in items])[:, None]
+        return {"input_ids": ids, "last": lengths[:, 0] - 1,
+                "response_mask": ((pos >= starts) & (pos < lengths)).float()}
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
@@ -159,7 +167,7 @@ class PreferenceData(L.LightningDataModule):
 
 
 class PromptData(L.LightningDataModule):
-    """RL prompts drawn with replacement: `steps` batches of `batch_size` rows, one per PPO iteration."""
+    """RL prompts drawn with replacement: `steps` batches of `batch_size` rows, one per RL iteration."""
 
     def __init__(self, data_dir: Path, batch_size: int, steps: int, seed: int) -> None:
         super().__init__()

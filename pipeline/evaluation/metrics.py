@@ -3,9 +3,11 @@
 - val_loss / perplexity: next-token loss on the eval split's answers (+ end token) in chat format.
 - exact_match: greedy answers checked by the generator's own checker; per family too, and on the
   harder held-out split (`exact_match_hard`).
-- reward: mean reward-model score of the greedy exchanges.
-- kl_to_sft: sequences sampled from the checkpoint (temperature 1); at every generated position the
-  exact KL(checkpoint || SFT) over the whole vocabulary, summed over the response, averaged over prompts.
+- reward, kl_to_sft: the two terms of the RLHF objective E_{y~pi}[r(x, y)] - beta * KL(pi || sft),
+  measured on responses sampled from the checkpoint (temperature 1): the mean reward-model score, and
+  at every generated position the exact KL(checkpoint || SFT) over the whole vocabulary, summed over
+  the response and averaged over prompts. `exact_match_sampled` checks those same samples.
+- reward_greedy: the reward-model score of the greedy answers.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pipeline.data.tokenizer import IGNORE_INDEX, ChatTokenizer
 from pipeline.inference.sampling import SamplingConfig, generate
 from pipeline.model import GPT
 from pipeline.objectives.reward import ScalarHead
-from pipeline.objectives.rollout import build_sequences
+from pipeline.objectives.rollout import build_sequences, response_positions
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -74,15 +76,13 @@ def reward_scores(rm: ScalarHead, tok: ChatTokenizer, rows: list[dict], response
         prompts = [tok.prompt(r["prompt"]) for r in rows[i:i + batch_size]]
         resps = responses[i:i + batch_size]
         seq, attn, mask, P = build_sequences(prompts, resps, tok.pad_id, device)
-        scores += rm(seq, P + mask.sum(1).clamp(min=1) - 1, attn).tolist()
+        scores += rm(seq, P + mask.sum(1).clamp(min=1) - 1, attn, response_mask=response_positions(mask, P)).tolist()
     return scores
 
 
 @torch.no_grad()
-def kl_to_reference(model: GPT, reference: GPT, tok: ChatTokenizer, rows: list[dict], batch_size: int,
-                    max_new_tokens: int, seed: int) -> float:
-    g = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
-    responses = respond(model, tok, rows, batch_size, SamplingConfig(max_new_tokens, 1.0), g, "sampling for KL")
+def kl_to_reference(model: GPT, reference: GPT, tok: ChatTokenizer, rows: list[dict], responses: list[list[int]],
+                    batch_size: int) -> float:
     total = 0.0
     for i in range(0, len(rows), batch_size):
         prompts = [tok.prompt(r["prompt"]) for r in rows[i:i + batch_size]]
@@ -101,11 +101,16 @@ def evaluate_checkpoint(model: GPT, tok: ChatTokenizer, eval_rows: list[dict], h
     loss = answer_loss(model, tok, eval_rows, bs)
     responses = respond(model, tok, eval_rows, bs, greedy)
     hard = respond(model, tok, hard_rows, bs, greedy) if hard_rows else []
-    scores = reward_scores(reward_model, tok, eval_rows, responses, bs)
+    sample_rows = eval_rows[:cfg.samples]
+    g = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
+    samples = respond(model, tok, sample_rows, bs, SamplingConfig(new, 1.0), g, "sampling")
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), **exact_match(tok, eval_rows, responses),
            "exact_match_hard": exact_match(tok, hard_rows, hard)["exact_match"] if hard_rows else float("nan"),
-           "reward": sum(scores) / max(len(scores), 1),
-           "kl_to_sft": kl_to_reference(model, sft, tok, eval_rows[:cfg.kl_samples], bs, new, seed),
+           "exact_match_sampled": exact_match(tok, sample_rows, samples)["exact_match"],
+           "reward": mean(reward_scores(reward_model, tok, sample_rows, samples, bs)),
+           "reward_greedy": mean(reward_scores(reward_model, tok, eval_rows, responses, bs)),
+           "kl_to_sft": kl_to_reference(model, sft, tok, sample_rows, samples, bs),
            "response_length": sum(len(tok.strip_response(r)) for r in responses) / max(len(responses), 1),
            "eos_rate": sum(tok.end_id in r for r in responses) / max(len(responses), 1)}
     return {k: round(float(v), 6) for k, v in out.items()}

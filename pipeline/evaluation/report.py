@@ -10,8 +10,8 @@ from omegaconf import DictConfig
 from pipeline.config import git_commit, run_group
 
 STAGE_ORDER = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "evaluate")
-TABLE_METRICS = ("val_loss", "perplexity", "exact_match", "exact_match_hard", "reward", "kl_to_sft",
-                 "response_length", "eos_rate")
+TABLE_METRICS = ("val_loss", "perplexity", "exact_match", "exact_match_hard", "exact_match_sampled", "reward",
+                 "reward_greedy", "kl_to_sft", "response_length", "eos_rate")
 
 
 def fmt(v: object) -> str:
@@ -42,12 +42,13 @@ def render(cfg: DictConfig, metrics_dir: Path) -> str:
         f"- model: {m.n_layer} layers x {m.n_head} heads x {m.n_embd} wide, block {m.block_size}, "
         f"{m.pos_encoding} positions; trainer `{cfg.trainer.accelerator}` ({cfg.trainer.precision}), "
         f"strategy `{choices['strategy']}`, logger `{choices['logger']}`, align `{cfg.align.method}`",
-        f"- wall time per stage (s): " + ", ".join(f"{s} {fmt(v.get('wall_time_s', '?'))}"
+        "- wall time per stage (s): " + ", ".join(f"{s} {fmt(v.get('wall_time_s', '?'))}"
                                                     for s, v in stages.items() if s != "evaluate"),
         "", "## Evaluation: every checkpoint on the same eval prompts", "",
         *evaluate_table(stages["evaluate"]), "",
         "`exact_match`: greedy answer checked by the generator's checker; `exact_match_hard`: operands with "
-        "more digits than any training problem; `reward`: mean reward-model score; `kl_to_sft`: nats per response.",
+        "more digits than any training problem; `reward` and `kl_to_sft` (nats per response) are measured on "
+        "responses sampled at temperature 1, the two terms of the RLHF objective; `reward_greedy` scores the greedy answers.",
         "", "## Stages", "",
     ]
     for stage, vals in stages.items():

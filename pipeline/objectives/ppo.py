@@ -8,6 +8,9 @@ Per rollout batch (Ouyang et al. 2022; TRL's PPOTrainer):
 4. a critic (initialised from the reward model) gives values; GAE(gamma, lam) gives advantages;
 5. `ppo_epochs` passes over shuffled minibatches: clipped policy loss, clipped value loss,
    optional entropy bonus.
+The first `critic_warmup` iterations update only the critic: a value head fresh from the reward
+model's scalar head predicts badly, and advantages built from its errors would push the policy at
+random (OpenRLHF calls this freezing the actor).
 Metrics carry TRL's names (objective/kl, objective/scores, policy/clipfrac_avg, ...).
 """
 from __future__ import annotations
@@ -18,16 +21,18 @@ from omegaconf import DictConfig
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.inference.sampling import SamplingConfig, generate
 from pipeline.model import GPT
-from pipeline.objectives.base import Objective
+from pipeline.objectives.base import Objective, lr_lambda
 from pipeline.objectives.reward import ScalarHead
 from pipeline.objectives.rollout import (build_sequences, gae, kl_penalty, masked_mean, masked_whiten,
-                                         response_logprobs)
+                                         response_logprobs, response_positions)
 
 
 def validate_ppo(cfg: DictConfig) -> None:
     for name in ("steps", "rollout_batch", "ppo_epochs", "minibatch_size", "max_new_tokens"):
         if int(cfg[name]) <= 0:
             raise ValueError(f"align.{name} must be positive, got {cfg[name]}")
+    if cfg.critic_warmup < 0 or not cfg.critic_lr > 0:
+        raise ValueError("align.critic_warmup must be >= 0 and align.critic_lr positive")
     if cfg.minibatch_size > cfg.rollout_batch:
         raise ValueError(f"align.minibatch_size ({cfg.minibatch_size}) must be <= align.rollout_batch ({cfg.rollout_batch})")
     if cfg.kl_estimator not in ("k1", "k3"):
@@ -38,7 +43,7 @@ def validate_ppo(cfg: DictConfig) -> None:
 
 def updates_per_run(cfg: DictConfig) -> int:
     minibatches = -(-cfg.rollout_batch // cfg.minibatch_size)
-    return cfg.steps * cfg.ppo_epochs * minibatches
+    return (cfg.steps + cfg.critic_warmup) * cfg.ppo_epochs * minibatches
 
 
 class PPO(Objective):
@@ -55,6 +60,16 @@ class PPO(Objective):
         self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
         self.generator: torch.Generator | None = None
 
+    def configure_optimizers(self):
+        """AdamW with the policy at `optim.lr` and the critic at `critic_lr`; same schedule for both."""
+        o, c = self.optim_cfg, self.cfg
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": o.lr},
+                  {"params": [p for p in self.critic.parameters() if p.requires_grad], "lr": c.critic_lr}]
+        opt = torch.optim.AdamW(groups, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                fused=self.device.type == "cuda")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, self.max_steps, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
     def on_train_start(self) -> None:
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
 
@@ -69,9 +84,11 @@ class PPO(Objective):
         logp, _ = response_logprobs(self.policy, seq, attn, P)
         ref_logp, _ = response_logprobs(self.reference, seq, attn, P)
         values = self.critic.per_token(seq, attn)[:, P - 1:-1]
-        scores = self.reward_model(seq, P + lengths - 1, attn)
+        scores = self.reward_model(seq, P + lengths - 1, attn, response_mask=response_positions(mask, P))
         ended = torch.tensor([tok.end_id in r for r in responses], device=self.device)
         scores = scores - c.missing_eos_penalty * (~ended).float()
+        if c.score_clip:  # trlX's cliprange_reward: one outlier must not dominate the whitened advantages
+            scores = scores.clamp(-c.score_clip, c.score_clip)
         kl = kl_penalty(logp, ref_logp, c.kl_estimator) * mask
         rewards = -c.kl_coef * kl
         rewards[torch.arange(len(rows)), lengths - 1] += scores
@@ -106,7 +123,8 @@ class PPO(Objective):
                 vf = 0.5 * torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2)
                 vf_loss = masked_mean(vf, m)
                 ent = masked_mean(entropy, m)
-                loss = pg_loss + c.vf_coef * vf_loss - c.entropy_coef * ent
+                train_policy = batch_idx >= c.critic_warmup
+                loss = c.vf_coef * vf_loss + (pg_loss - c.entropy_coef * ent) * float(train_policy)
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=c.grad_clip, gradient_clip_algorithm="norm")

@@ -27,6 +27,11 @@ def build_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id
     return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_mask, p_ids.size(1)
 
 
+def response_positions(response_mask: torch.Tensor, P: int) -> torch.Tensor:
+    """The (B, P+R) float mask of response tokens in a packed sequence."""
+    return torch.cat([response_mask.new_zeros(response_mask.size(0), P), response_mask], 1).float()
+
+
 def response_logprobs(model: GPT, seq: torch.Tensor, attn: torch.Tensor, P: int,
                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(token) of each response token (B,R) and, optionally, the entropy of each step's distribution."""

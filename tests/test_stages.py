@@ -1,0 +1,95 @@
+"""Every stage on the micro config, in-process: outputs exist, numbers move, hand-offs are checked."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.checkpoint import load_gpt, load_into
+from pipeline.data.datamodules import ChatData
+from pipeline.data.tokenizer import IGNORE_INDEX
+from pipeline.model import GPT
+from pipeline.objectives.reward import ScalarHead
+
+
+def metrics(stage: str) -> dict:
+    return json.loads(Path(f"metrics/{stage}.json").read_text())
+
+
+def test_every_stage_wrote_its_metrics_and_outputs(in_chain):
+    for stage in ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "evaluate", "report"):
+        assert Path(f"metrics/{stage}.json").is_file(), stage
+    for out in ("data/prepared/sft.jsonl", "artifacts/tokenizer/tokenizer.json", "artifacts/pretrain/model.safetensors",
+                "artifacts/sft/model.safetensors", "artifacts/reward/model.safetensors",
+                "artifacts/aligned/model.safetensors", "reports/report.md"):
+        assert Path(out).is_file(), out
+    assert not list(Path("artifacts").glob(".*tmp*")), "a temporary output was left behind"
+
+
+def test_pretrain_loss_fell(in_chain):
+    m = metrics("pretrain")
+    assert m["train_loss"] < m["first_train_loss"]
+    assert m["val_loss"] < m["ln_vocab"]
+
+
+def test_each_stage_changed_the_weights(in_chain):
+    weights = {n: load_file(f"artifacts/{n}/model.safetensors") for n in ("pretrain", "sft", "aligned")}
+    for before, after in (("pretrain", "sft"), ("sft", "aligned")):
+        changed = [k for k in weights[before] if not torch.equal(weights[before][k], weights[after][k])]
+        assert changed, f"{after} has the same weights as {before}"
+
+
+def test_checkpoints_record_their_config_and_tokenizer(in_chain):
+    meta = json.loads(Path("artifacts/sft/meta.json").read_text())
+    tok_sha = json.loads(Path("artifacts/pretrain/meta.json").read_text())["tokenizer_sha256"]
+    assert meta["kind"] == "gpt" and meta["tokenizer_sha256"] == tok_sha and meta["model"]["n_layer"] == 2
+    model, _ = load_gpt("sft", tok_sha)
+    assert isinstance(model, GPT)
+
+
+def test_a_checkpoint_from_another_tokenizer_is_refused(in_chain):
+    with pytest.raises(ValueError, match="rerun the stages after `tokenizer`"):
+        load_gpt("sft", "0" * 64)
+
+
+def test_a_reward_checkpoint_is_not_taken_for_a_language_model(in_chain):
+    with pytest.raises(ValueError, match="holds a 'reward'"):
+        load_gpt("reward")
+    rm = ScalarHead(load_gpt("sft")[0])
+    assert load_into("reward", rm, "reward")["kind"] == "reward"
+
+
+def test_sft_batches_put_loss_only_on_answers(in_chain):
+    from pipeline.context import DATA_DIR, load_tokenizer
+    from conftest import compose_micro
+
+    tok = load_tokenizer(compose_micro())
+    data = ChatData(DATA_DIR, tok, 64, 4, seed=0)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        first = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
+        assert ids[first] == tok.assistant_id  # the first supervised prediction follows <|assistant|>
+        assert tok.end_id in labels and tok.user_id not in [l for l in labels if l != IGNORE_INDEX]
+
+
+def test_evaluate_table_has_every_checkpoint_and_metric(in_chain):
+    table = metrics("evaluate")
+    assert set(table) == {"pretrain", "sft", "aligned"}
+    for row in table.values():
+        assert {"val_loss", "perplexity", "exact_match", "exact_match_hard", "reward", "reward_greedy",
+                "kl_to_sft"} <= set(row)
+        assert 0.0 <= row["exact_match"] <= 1.0
+    assert table["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_align_logs_trl_metric_names(in_chain):
+    m = metrics("align")
+    assert m["method"] == "ppo"
+    for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac_avg", "loss/value_avg"):
+        assert m[key] is not None, key
+    rows = json.loads(Path("metrics/curves/align_train.json").read_text())
+    assert len(rows) >= 2 and "objective/scores" in rows[0]

@@ -1,0 +1,57 @@
+"""Read the records of an offline W&B run file (`run-<id>.wandb`) into wandb's own protobufs.
+
+wandb >= 0.2x writes these files from its Go core and ships no Python reader, so this walks the
+LevelDB-log framing it uses (a 7-byte ":W&B" header, then 32 KiB blocks of records with a 7-byte
+header: CRC, length, type FULL/FIRST/MIDDLE/LAST) and parses each payload as `wandb.proto.Record`.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK = 32 * 1024
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: str | Path) -> list[pb.Record]:
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    records, pending, pos = [], b"", HEADER
+    while pos + HEADER <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < HEADER:  # block trailer padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        payload = data[pos + HEADER:pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 0 and length == 0:
+            pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
+            continue
+        if kind in (FULL, FIRST):
+            pending = payload
+        elif kind in (MIDDLE, LAST):
+            pending += payload
+        if kind in (FULL, LAST):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+    return records
+
+
+def run_info(run_dir: str | Path) -> dict:
+    """group, job_type, run id and the history keys of one offline run directory."""
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    info: dict = {"history_keys": set()}
+    for rec in read_records(path):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            info.update(group=rec.run.run_group, job_type=rec.run.job_type, run_id=rec.run.run_id)
+        elif kind == "history":
+            info["history_keys"].update(item.key or "/".join(item.nested_key) for item in rec.history.item)
+    return info
