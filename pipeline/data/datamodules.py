@@ -88,7 +88,27 @@ def split_holdout(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return rows[n_val:], rows[:n_val]
 
 
-class ChatData(L.LightningDataModule):
+class HeldOutData(L.LightningDataModule):
+    """Base: rows encoded into `train_set` / `val_set` by `setup`, batched by the subclass's `collate`."""
+
+    train_set: list
+    val_set: list
+    batch_size: int
+    seed: int
+
+    def collate(self, items: list) -> dict:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
+                          collate_fn=self.collate, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate)
+
+
+class ChatData(HeldOutData):
     """SFT conversations; a held-out slice of them is the validation set."""
 
     def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
@@ -116,16 +136,8 @@ class ChatData(L.LightningDataModule):
         return {"input_ids": pad_right([i for i, _ in items], self.tok.pad_id),
                 "labels": pad_right([l for _, l in items], IGNORE_INDEX)}
 
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
-                          collate_fn=self.collate, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate)
-
-
-class PreferenceData(L.LightningDataModule):
+class PreferenceData(HeldOutData):
     """Preference pairs; each batch stacks all chosen sequences, then all rejected ones."""
 
     def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
@@ -156,14 +168,6 @@ class PreferenceData(L.LightningDataModule):
         starts = torch.tensor([n for _, n in items])[:, None]
         return {"input_ids": ids, "last": lengths[:, 0] - 1,
                 "response_mask": ((pos >= starts) & (pos < lengths)).float()}
-
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
-                          collate_fn=self.collate, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate)
 
 
 class PromptData(L.LightningDataModule):
