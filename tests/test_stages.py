@@ -12,7 +12,7 @@ from pipeline.checkpoint import load_gpt, load_into
 from pipeline.data.datamodules import ChatData
 from pipeline.data.tokenizer import IGNORE_INDEX
 from pipeline.model import GPT
-from pipeline.objectives.reward import ScalarHead
+from pipeline.objectives.reward import ScalarHead, load_reward_model
 
 
 def metrics(stage: str) -> dict:
@@ -58,8 +58,10 @@ def test_a_checkpoint_from_another_tokenizer_is_refused(in_chain):
 def test_a_reward_checkpoint_is_not_taken_for_a_language_model(in_chain):
     with pytest.raises(ValueError, match="holds a 'reward'"):
         load_gpt("reward")
-    rm = ScalarHead(load_gpt("sft")[0])
-    assert load_into("reward", rm, "reward")["kind"] == "reward"
+    with pytest.raises(ValueError, match="expected 'reward'"):
+        load_into("sft", ScalarHead(load_gpt("sft")[0]), "reward")
+    rm = load_reward_model(load_gpt("sft")[0].config)
+    assert rm.likelihood_term == bool(json.loads(Path("artifacts/reward/meta.json").read_text())["likelihood_term"])
 
 
 def test_sft_batches_put_loss_only_on_answers(in_chain):
