@@ -48,8 +48,8 @@ def run_stage(name: str, cfg: DictConfig) -> dict:
     """Run one stage (or `all` in order) and write metrics/<name>.json."""
     if name == "all":
         return {s: run_stage(s, cfg) for s in STAGES}
+    setup_environment(cfg)  # before the stage imports datasets/wandb, which read it at import time
     module = stage_module(name)
-    setup_environment(cfg)
     start = time.time()
     metrics = module.run(cfg)
     if not any(isinstance(v, dict) for v in metrics.values()):  # evaluate's table stays {checkpoint: {...}}

@@ -132,17 +132,19 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: DictC
     curves = CurveRecorder(stage)
     trainer = build_trainer(cfg, stage, callbacks=[curves], **trainer_kwargs)
     final: dict[str, float] = {}
+    status = "failed"
     try:
         trainer.fit(module, datamodule=datamodule)
         if validate:
             final = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+        status = "success"
     finally:
         for lg in trainer.loggers:
-            lg.finalize("success")
-        if trainer.logger is not None and hasattr(trainer.logger, "experiment"):
+            lg.finalize(status)
+        if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
             import wandb
-            if wandb.run is not None:
-                wandb.finish()
+            if wandb.run is not None:  # one W&B run per stage (and per multirun job)
+                wandb.finish(exit_code=0 if status == "success" else 1)
     if trainer.is_global_zero:
         curves.write()
     return trainer, curves, final

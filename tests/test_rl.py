@@ -120,3 +120,20 @@ def test_on_policy_pairs_hold_only_wrong_samples(in_chain):
         assert p["corruption"] == "on_policy" and p["chosen"] in {r["answer"] for r in rows}
         assert not (p["rejected_has_end"] and check(p["chosen"], p["rejected"]))
     assert len({(p["key"], p["rejected"], p["rejected_has_end"]) for p in pairs}) == len(pairs)
+
+
+def test_logprobs_follow_the_sampling_temperature():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    seq, attn, mask, P = build_sequences([[1, 2, 3]], [[4, 5, 6]], pad_id=0)
+    lp_hot, _ = response_logprobs(m, seq, attn, P, temperature=0.5)
+    logits = m(seq, attention_mask=attn)[:, P - 1:-1] / 0.5
+    expected = torch.log_softmax(logits, -1).gather(-1, seq[:, P:, None]).squeeze(-1)
+    torch.testing.assert_close(lp_hot, expected)
+    assert not torch.allclose(lp_hot, response_logprobs(m, seq, attn, P)[0])
+
+
+def test_group_centre_removes_each_prompts_mean():
+    from pipeline.objectives.rollout import group_centre
+    scores = torch.tensor([1.0, 3.0, 10.0, 14.0, -2.0, -2.0])
+    torch.testing.assert_close(group_centre(scores, 2), torch.tensor([-1.0, 1.0, -2.0, 2.0, 0.0, 0.0]))

@@ -23,26 +23,29 @@ from pipeline.inference.sampling import SamplingConfig, generate
 from pipeline.model import GPT
 from pipeline.objectives.base import Objective, lr_lambda
 from pipeline.objectives.reward import ScalarHead
-from pipeline.objectives.rollout import (build_sequences, gae, kl_penalty, masked_mean, masked_whiten,
-                                         response_logprobs, response_positions)
+from pipeline.objectives.rollout import (build_sequences, gae, group_centre, kl_penalty, masked_mean,
+                                         masked_whiten, response_logprobs, response_positions)
 
 
 def validate_ppo(cfg: DictConfig) -> None:
-    for name in ("steps", "rollout_batch", "ppo_epochs", "minibatch_size", "max_new_tokens"):
+    for name in ("steps", "rollout_batch", "samples_per_prompt", "ppo_epochs", "minibatch_size", "max_new_tokens"):
         if int(cfg[name]) <= 0:
             raise ValueError(f"align.{name} must be positive, got {cfg[name]}")
     if cfg.critic_warmup < 0 or not cfg.critic_lr > 0:
         raise ValueError("align.critic_warmup must be >= 0 and align.critic_lr positive")
-    if cfg.minibatch_size > cfg.rollout_batch:
-        raise ValueError(f"align.minibatch_size ({cfg.minibatch_size}) must be <= align.rollout_batch ({cfg.rollout_batch})")
+    if cfg.minibatch_size > cfg.rollout_batch * cfg.samples_per_prompt:
+        raise ValueError(f"align.minibatch_size ({cfg.minibatch_size}) must be <= align.rollout_batch x "
+                         f"align.samples_per_prompt ({cfg.rollout_batch * cfg.samples_per_prompt})")
     if cfg.kl_estimator not in ("k1", "k3"):
         raise ValueError(f"align.kl_estimator {cfg.kl_estimator!r} is unknown: choose k1 or k3")
+    if not cfg.temperature > 0:
+        raise ValueError(f"align.temperature must be positive for PPO sampling, got {cfg.temperature}")
     if not (0 < cfg.cliprange < 1 and cfg.cliprange_value > 0):
         raise ValueError("align.cliprange must be in (0, 1) and align.cliprange_value positive")
 
 
 def updates_per_run(cfg: DictConfig) -> int:
-    minibatches = -(-cfg.rollout_batch // cfg.minibatch_size)
+    minibatches = -(-cfg.rollout_batch * cfg.samples_per_prompt // cfg.minibatch_size)
     return (cfg.steps + cfg.critic_warmup) * cfg.ppo_epochs * minibatches
 
 
@@ -81,8 +84,9 @@ class PPO(Objective):
                              generator=self.generator)
         seq, attn, mask, P = build_sequences(prompts, responses, tok.pad_id, self.device)
         lengths = mask.sum(1)
-        logp, _ = response_logprobs(self.policy, seq, attn, P)
-        ref_logp, _ = response_logprobs(self.reference, seq, attn, P)
+        temp = c.temperature
+        logp, _ = response_logprobs(self.policy, seq, attn, P, temperature=temp)
+        ref_logp, _ = response_logprobs(self.reference, seq, attn, P, temperature=temp)
         values = self.critic.per_token(seq, attn)[:, P - 1:-1]
         scores = self.reward_model(seq, P + lengths - 1, attn, response_mask=response_positions(mask, P))
         ended = torch.tensor([tok.end_id in r for r in responses], device=self.device)
@@ -91,7 +95,10 @@ class PPO(Objective):
             scores = scores.clamp(-c.score_clip, c.score_clip)
         kl = kl_penalty(logp, ref_logp, c.kl_estimator) * mask
         rewards = -c.kl_coef * kl
-        rewards[torch.arange(len(rows)), lengths - 1] += scores
+        k = c.samples_per_prompt
+        # with several samples per prompt, score each against its siblings: prompt difficulty cancels
+        centred = group_centre(scores, k) if c.group_baseline and k > 1 else scores
+        rewards[torch.arange(len(rows)), lengths - 1] += centred
         adv, returns = gae(rewards, values, mask, c.gamma, c.lam)
         if c.whiten_advantages:
             adv = masked_whiten(adv, mask)
@@ -101,6 +108,7 @@ class PPO(Objective):
 
     def training_step(self, rows: list[dict], batch_idx: int) -> None:
         c = self.cfg
+        rows = [r for r in rows for _ in range(c.samples_per_prompt)]  # siblings stay adjacent
         self.policy.eval()  # no dropout while sampling and scoring
         b = self.rollout(rows)
         self.policy.train()
@@ -111,7 +119,8 @@ class PPO(Objective):
             for mb in order.split(c.minibatch_size):
                 mb = mb.to(self.device)
                 m = b["mask"][mb]
-                logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True)
+                logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True,
+                                                  temperature=c.temperature)
                 logratio = logp - b["logp"][mb]
                 ratio = logratio.exp()
                 adv = b["adv"][mb]

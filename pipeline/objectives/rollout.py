@@ -32,10 +32,14 @@ def response_positions(response_mask: torch.Tensor, P: int) -> torch.Tensor:
     return torch.cat([response_mask.new_zeros(response_mask.size(0), P), response_mask], 1).float()
 
 
-def response_logprobs(model: GPT, seq: torch.Tensor, attn: torch.Tensor, P: int,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(token) of each response token (B,R) and, optionally, the entropy of each step's distribution."""
-    logits = model(seq, attention_mask=attn)[:, P - 1:-1].float()
+def response_logprobs(model: GPT, seq: torch.Tensor, attn: torch.Tensor, P: int, with_entropy: bool = False,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token) of each response token (B,R) and, optionally, the entropy of each step's distribution.
+
+    `temperature` must be the one the tokens were sampled at, so that the log-probs are those of the
+    distribution that produced them (as TRL does).
+    """
+    logits = model(seq, attention_mask=attn)[:, P - 1:-1].float() / max(temperature, 1e-6)
     logp = F.log_softmax(logits, -1)
     lp = logp.gather(-1, seq[:, P:, None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
@@ -66,6 +70,11 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         running = delta + gamma * lam * running
         adv[:, t] = running
     return adv * mask, (adv + values) * mask
+
+
+def group_centre(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Subtract from each score the mean of its group of `k` adjacent siblings (same prompt)."""
+    return scores - scores.view(-1, k).mean(1).repeat_interleave(k)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
