@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -95,9 +96,7 @@ class HeldOutData(L.LightningDataModule):
     val_set: list
     batch_size: int
     seed: int
-
-    def collate(self, items: list) -> dict:
-        raise NotImplementedError
+    collate: Callable[[list], dict]
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)

@@ -25,7 +25,8 @@ from pipeline.model import GPT
 from pipeline.objectives.reward import ScalarHead
 from pipeline.objectives.rollout import build_sequences, response_positions
 
-GREEDY = SamplingConfig(temperature=0.0)
+def mean(xs: list[float]) -> float:
+    return sum(xs) / max(len(xs), 1)
 
 
 def batches(rows: list, size: int) -> list[list]:
@@ -104,7 +105,6 @@ def evaluate_checkpoint(model: GPT, tok: ChatTokenizer, eval_rows: list[dict], h
     sample_rows = eval_rows[:cfg.samples]
     g = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
     samples = respond(model, tok, sample_rows, bs, SamplingConfig(new, 1.0), g, "sampling")
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), **exact_match(tok, eval_rows, responses),
            "exact_match_hard": exact_match(tok, hard_rows, hard)["exact_match"] if hard_rows else float("nan"),
            "exact_match_sampled": exact_match(tok, sample_rows, samples)["exact_match"],

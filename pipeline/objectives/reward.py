@@ -43,14 +43,14 @@ class ScalarHead(nn.Module):
         nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.n_embd + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
         self.likelihood_term = likelihood_term
-        self.lm_scale = nn.Parameter(torch.ones(()))
-        if likelihood_term:
+        if likelihood_term:  # a critic has neither: an unused parameter would trouble DDP
+            self.lm_scale = nn.Parameter(torch.ones(()))
             self.frozen_lm = copy.deepcopy(backbone).requires_grad_(False).eval()
 
     def drop_likelihood_term(self) -> "ScalarHead":
         """Keep only backbone + head (a PPO critic starts from the reward model this way)."""
         if self.likelihood_term:
-            del self.frozen_lm
+            del self.frozen_lm, self.lm_scale
             self.likelihood_term = False
         return self
 
