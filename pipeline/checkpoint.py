@@ -16,9 +16,9 @@ from pipeline.io import atomic_dir, read_json, write_json
 from pipeline.model import GPT, GPTConfig
 
 ARTIFACTS = Path("artifacts")
-CHECKPOINTS = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "aligned": "aligned"}
+CHECKPOINTS = {"pretrain": "pretrain", "sft": "sft", "sft_control": "sft_control", "reward": "reward", "aligned": "aligned"}
 TOKENIZER_FILE = ARTIFACTS / "tokenizer" / "tokenizer.json"
-PRODUCER = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "aligned": "align"}
+PRODUCER = {"pretrain": "pretrain", "sft": "sft", "sft_control": "sft_control", "reward": "reward", "aligned": "align"}
 
 
 def checkpoint_dir(name: str, root: str | Path = ".") -> Path:
@@ -51,7 +51,7 @@ def check_tokenizer(meta: dict, tokenizer_sha256: str | None) -> None:
 
 
 def load_gpt(name: str, tokenizer_sha256: str | None = None, root: str | Path = ".") -> tuple[GPT, dict]:
-    """Load a language-model checkpoint (pretrain, sft, aligned) in eval mode."""
+    """Load a language-model checkpoint (pretrain, sft, sft_control, aligned) in eval mode."""
     meta = read_meta(name, root)
     if meta.get("kind") != "gpt":
         raise ValueError(f"checkpoint {name!r} holds a {meta.get('kind')!r}, not a language model")

@@ -1,4 +1,10 @@
-"""Stage `evaluate`: every checkpoint on the same eval prompts → metrics/evaluate.json {checkpoint: {metric: value}}."""
+"""Stage `evaluate`: every checkpoint on the same eval prompts → metrics/evaluate.json {checkpoint: {metric: value}}.
+
+Checkpoints: pretrain, sft, sft_control (SFT trained further for as many steps as alignment took) and
+aligned (the configured method). The `verdict` entry answers the questions alignment is judged by:
+did it beat SFT and the same-compute control on exact match, did KL to SFT stay under the method's
+bound, and did the reward model's score rise while ground-truth accuracy fell (reward hacking)?
+"""
 from __future__ import annotations
 
 import torch
@@ -11,7 +17,23 @@ from pipeline.evaluation.metrics import evaluate_checkpoint
 from pipeline.objectives.reward import load_reward_model
 from pipeline.runner import main
 
-CHECKPOINTS = ("pretrain", "sft", "aligned")
+CHECKPOINTS = ("pretrain", "sft", "sft_control", "aligned")
+
+
+def verdict(results: dict[str, dict[str, float]], method: str, kl_bound: float) -> dict:
+    """How `aligned` compares with `sft` and `sft_control` (1/0 flags, so DVC can show and diff them)."""
+    a, s, c = results["aligned"], results["sft"], results["sft_control"]
+    accuracy_fell = a["exact_match"] < s["exact_match"] or a["exact_match_sampled"] < s["exact_match_sampled"]
+    return {
+        "method": method,
+        "exact_match_vs_sft": round(a["exact_match"] - s["exact_match"], 6),
+        "exact_match_vs_control": round(a["exact_match"] - c["exact_match"], 6),
+        "beats_sft": int(a["exact_match"] > s["exact_match"]),
+        "beats_control": int(a["exact_match"] > c["exact_match"]),
+        "kl_to_sft": a["kl_to_sft"], "kl_bound": float(kl_bound),
+        "kl_within_bound": int(a["kl_to_sft"] <= kl_bound),
+        "reward_hacking": int(a["reward"] > s["reward"] and accuracy_fell),
+    }
 
 
 def run(cfg: DictConfig) -> dict:
@@ -23,12 +45,14 @@ def run(cfg: DictConfig) -> dict:
     hard_rows = load_split(DATA_DIR, "eval_hard")[: e.max_problems]
     sft, _ = load_gpt("sft", tok.sha256)
     reward_model = load_reward_model(sft.config, tok.sha256).eval()
-    results = {}
+    results: dict[str, dict] = {}
     for name in CHECKPOINTS:
         model, _ = load_gpt(name, tok.sha256)
         torch.manual_seed(cfg.seed)
         results[name] = evaluate_checkpoint(model, tok, eval_rows, hard_rows, reward_model, sft, e, cfg.seed)
         print(f"evaluate {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[name].items() if "/" not in k))
+    results["verdict"] = verdict(results, cfg.align.method, cfg.align.kl_bound)
+    print("evaluate verdict: " + ", ".join(f"{k}={v}" for k, v in results["verdict"].items()))
     return results
 
 

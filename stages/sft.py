@@ -15,21 +15,28 @@ from pipeline.runner import main
 from pipeline.train import fit
 
 
-def run(cfg: DictConfig) -> dict:
+def finetune(cfg: DictConfig, start: str, out: str, steps: int, optim: DictConfig | None = None, **meta) -> dict:
+    """Train checkpoint `start` with the SFT recipe (`cfg.sft`, or `optim` in its place) for `steps` steps;
+    save it as `out`."""
     s = cfg.sft
-    validate_optim(s.optim, "sft")
+    optim = optim or s.optim
+    validate_optim(optim, "sft")
     tok = load_tokenizer(cfg)
-    model, _ = load_gpt("pretrain", tok.sha256)
+    model, _ = load_gpt(start, tok.sha256)
     L.seed_everything(cfg.seed, verbose=False)
     data = ChatData(DATA_DIR, tok, model.config.block_size, s.batch_size, cfg.seed)
-    module = SupervisedFinetuning(model.train(), s.optim, s.max_steps)
-    _, curves, final = fit(module, data, cfg, "sft", max_steps=s.max_steps, val_every=s.val_every,
+    module = SupervisedFinetuning(model.train(), optim, steps)
+    _, curves, final = fit(module, data, cfg, out, max_steps=steps, val_every=min(s.val_every, steps),
                            val_batches=s.val_batches, grad_clip=s.grad_clip)
     metrics = {"val_loss": final["val/loss"], "val_ppl": math.exp(final["val/loss"]),
                "train_loss": curves.train[-1]["train/loss"], "first_train_loss": curves.train[0]["train/loss"],
                "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec")}
-    save_checkpoint("sft", model, checkpoint_meta(cfg, tok, model, "gpt", step=s.max_steps, metrics=metrics))
+    save_checkpoint(out, model, checkpoint_meta(cfg, tok, model, "gpt", step=steps, metrics=metrics, **meta))
     return metrics
+
+
+def run(cfg: DictConfig) -> dict:
+    return finetune(cfg, "pretrain", "sft", cfg.sft.max_steps)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def small_cfg(**overrides: object):
         "sizes": {"pretrain_docs": 300, "pretrain_val_docs": 40, "sft": 400, "preference": 400,
                   "rl_prompts": 100, "eval": 120, "eval_hard": 40},
         "string_len": {"min": 3, "max": 6},
+        "demo_errors": {"rate": 0.3, "kinds": ["preamble", "carry_error"]},
     }
     cfg = OmegaConf.create(base)
     for dotted, value in overrides.items():
@@ -191,7 +192,7 @@ def test_answers_are_correct(runs: dict[int, Path]) -> None:
     world = build_world(12, 7)
     for split in ("sft", "rl_prompts", "eval", "eval_hard", "preference"):
         for r in rows(run, split):
-            answer = r["messages"][1]["content"] if split == "sft" else r.get("answer", r.get("chosen"))
+            answer = r.get("answer", r.get("chosen"))
             family, rest = r["key"].split(":", 1)
             assert family == r["family"]
             expected = expected_answer(r["key"])
@@ -257,6 +258,8 @@ def test_preference_corruptions_fail_the_checker(runs: dict[int, Path]) -> None:
             assert rejected == r["key"].split(":")[1]
         elif kind == "rambling":
             assert len(rejected.split()) >= 5 and "\n" not in rejected
+        elif kind == "preamble":
+            assert rejected.startswith("The answer is ") and chosen in rejected
     for family, kinds in CORRUPTIONS.items():
         assert seen[family] == set(kinds), family
 
@@ -277,6 +280,9 @@ def test_preference_corruptions_fail_the_checker(runs: dict[int, Path]) -> None:
         ({"string_len": {"min": 7, "max": 6}}, "data.string_len.min"),
         ({"world__n_entities": 1}, "data.world.n_entities"),
         ({"digits": "two"}, "data.digits"),
+        ({"demo_errors__rate": 0.5}, "data.demo_errors.rate"),
+        ({"demo_errors__kinds": ["preamble", "typo"]}, "data.demo_errors.kinds"),
+        ({"demo_errors__kinds": "preamble"}, "data.demo_errors.kinds"),
     ],
 )
 def test_bad_config_raises_and_writes_nothing(tmp_path: Path, overrides: dict, field: str) -> None:
@@ -285,6 +291,30 @@ def test_bad_config_raises_and_writes_nothing(tmp_path: Path, overrides: dict, f
     with pytest.raises(ValueError, match=re.escape(field)):
         prepare(small_cfg(**overrides), parent / "data", progress=False)
     assert list(parent.iterdir()) == []
+
+
+def test_demo_errors_are_plausible_wrong_replies_at_the_configured_rate(runs: dict[int, Path]) -> None:
+    sft = rows(runs[1], "sft")
+    wrong = [r for r in sft if r["demo_error"] is not None]
+    # every SFT family has `preamble`: the share is the configured 0.3, up to sampling noise
+    assert abs(len(wrong) / len(sft) - 0.3) < 0.06
+    assert {r["demo_error"] for r in wrong} == {"preamble", "carry_error"}
+    for r in sft:
+        reply = r["messages"][1]["content"]
+        if r["demo_error"] is None:
+            assert reply == r["answer"]
+            continue
+        assert not check(r["answer"], reply), r  # the checker rejects every flawed demonstration
+        if r["demo_error"] == "preamble":
+            assert reply.startswith("The answer is ") and r["answer"] in reply
+        else:
+            assert r["family"] in ("add", "sub") and reply.lstrip("-").isdigit()
+
+
+def test_zero_demo_error_rate_leaves_every_demonstration_correct(tmp_path: Path) -> None:
+    prepare(small_cfg(demo_errors__rate=0.0), tmp_path / "data", progress=False)
+    sft = rows(tmp_path / "data", "sft")
+    assert all(r["demo_error"] is None and r["messages"][1]["content"] == r["answer"] for r in sft)
 
 
 def test_missing_field_is_named(tmp_path: Path) -> None:

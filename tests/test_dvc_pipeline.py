@@ -15,8 +15,8 @@ import yaml
 from conftest import repo_copy, venv_env
 from wandb_records import run_info
 
-TRAINING_STAGES = {"pretrain", "sft", "reward", "align"}
-ALL_STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "evaluate", "report")
+TRAINING_STAGES = {"pretrain", "sft", "reward", "align", "sft_control"}
+ALL_STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "evaluate", "report")
 
 
 def dvc(repo: Path, *args: str, timeout: int = 600) -> str:
@@ -47,7 +47,9 @@ def test_repro_runs_every_stage_and_writes_metrics(micro_repo):
     for stage in ALL_STAGES[:-1]:
         assert (micro_repo / "metrics" / f"{stage}.json").is_file(), stage
     table = json.loads((micro_repo / "metrics" / "evaluate.json").read_text())
-    assert set(table) == {"pretrain", "sft", "aligned"}
+    assert set(table) == {"pretrain", "sft", "sft_control", "aligned", "verdict"}
+    verdict = table.pop("verdict")
+    assert verdict["method"] == "ppo" and {"beats_sft", "beats_control", "reward_hacking"} <= set(verdict)
     for row in table.values():
         assert {"val_loss", "perplexity", "exact_match", "reward", "kl_to_sft"} <= set(row)
     assert table["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
@@ -82,7 +84,23 @@ def test_second_repro_is_up_to_date(micro_repo):
 def test_exp_run_with_a_changed_sft_param_reruns_only_sft_and_after(micro_repo):
     out = dvc(micro_repo, "exp", "run", "-S", "sft.max_steps=4")
     ran = {s for s in ALL_STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"sft", "reward", "align", "evaluate", "report"}, out[-2000:]
+    assert ran == {"sft", "reward", "align", "sft_control", "evaluate", "report"}, out[-2000:]
     params = yaml.safe_load((micro_repo / "params.yaml").read_text())
     assert params["sft"]["max_steps"] == 4  # DVC's Hydra integration recomposed conf/ with the override
     assert json.loads((micro_repo / "metrics" / "sft.json").read_text())["wall_time_s"] >= 0
+
+
+@pytest.mark.slow
+def test_exp_run_switches_the_alignment_method(micro_repo):
+    out = dvc(micro_repo, "exp", "run", "-S", "align=dpo", "-n", "micro-dpo")
+    ran = {s for s in ALL_STAGES if f"Running stage '{s}'" in out}
+    assert ran == {"align", "sft_control", "evaluate", "report"}, out[-2000:]  # SFT and the reward model are reused
+    align = json.loads((micro_repo / "metrics" / "align.json").read_text())
+    assert align["method"] == "dpo" and "rewards/accuracies" in align
+    verdict = json.loads((micro_repo / "metrics" / "evaluate.json").read_text())["verdict"]
+    assert verdict["method"] == "dpo"
+    control = json.loads((micro_repo / "metrics" / "sft_control.json").read_text())
+    assert control["matches"] == "dpo" and control["steps"] == align["policy_updates"]
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=micro_repo, env=venv_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and "micro-dpo" in shown.stdout

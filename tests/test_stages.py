@@ -20,11 +20,11 @@ def metrics(stage: str) -> dict:
 
 
 def test_every_stage_wrote_its_metrics_and_outputs(in_chain):
-    for stage in ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "evaluate", "report"):
+    for stage in ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "evaluate", "report"):
         assert Path(f"metrics/{stage}.json").is_file(), stage
     for out in ("data/prepared/sft.jsonl", "artifacts/tokenizer/tokenizer.json", "artifacts/pretrain/model.safetensors",
                 "artifacts/sft/model.safetensors", "artifacts/reward/model.safetensors",
-                "artifacts/aligned/model.safetensors", "reports/report.md"):
+                "artifacts/aligned/model.safetensors", "artifacts/sft_control/model.safetensors", "reports/report.md"):
         assert Path(out).is_file(), out
     assert not list(Path("artifacts").glob(".*tmp*")), "a temporary output was left behind"
 
@@ -80,7 +80,10 @@ def test_sft_batches_put_loss_only_on_answers(in_chain):
 
 def test_evaluate_table_has_every_checkpoint_and_metric(in_chain):
     table = metrics("evaluate")
-    assert set(table) == {"pretrain", "sft", "aligned"}
+    assert set(table) == {"pretrain", "sft", "sft_control", "aligned", "verdict"}
+    verdict = table.pop("verdict")
+    assert verdict["method"] == "ppo" and verdict["exact_match_vs_sft"] == pytest.approx(
+        table["aligned"]["exact_match"] - table["sft"]["exact_match"], abs=1e-6)
     for row in table.values():
         assert {"val_loss", "perplexity", "exact_match", "exact_match_hard", "reward", "reward_greedy",
                 "kl_to_sft"} <= set(row)

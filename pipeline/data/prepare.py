@@ -33,7 +33,10 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.data.tasks import FAMILIES, TaskSpace, draw_key, make_problem, problem_key_in_eval, prose_sentence, sample_corruption
+from pipeline.data.tasks import (
+    CORRUPTIONS, FAMILIES, TaskSpace, corrupt, draw_key, make_problem, problem_key_in_eval, prose_sentence,
+    sample_corruption,
+)
 from pipeline.data.world import World, build_world, fact_document, story_document
 from pipeline.io import atomic_dir
 
@@ -66,6 +69,7 @@ class DataConfig:
     world: dict[str, int]
     sizes: dict[str, int]
     string_len: dict[str, int]
+    demo_errors: dict[str, Any]
 
 
 def _get(node: Any, name: str, path: str) -> Any:
@@ -141,11 +145,28 @@ def validate_config(cfg: Any) -> DataConfig:
     hi = _int(_get(sl_node, "max", "data.string_len"), "data.string_len.max", 2)
     if lo > hi:
         raise ValueError(f"data.string_len.min ({lo}) must not exceed data.string_len.max ({hi}): lower min or raise max")
+    demo_errors = _demo_errors(_get(cfg, "demo_errors", "data"))
     return DataConfig(
         seed=seed, digits=digits, hard_digits=hard, eval_fraction=float(frac),
         families={f: float(families.get(f, 0)) for f in FAMILIES},
-        world=world, sizes=sizes, string_len={"min": lo, "max": hi},
+        world=world, sizes=sizes, string_len={"min": lo, "max": hi}, demo_errors=demo_errors,
     )
+
+
+# what a demonstration can get wrong: any corruption that still ends its reply properly
+_DEMO_KINDS = sorted({k for kinds in CORRUPTIONS.values() for k in kinds} - {"missing_end"})
+
+
+def _demo_errors(node: Any) -> dict[str, Any]:
+    rate = _get(node, "rate", "data.demo_errors")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 0.5:
+        raise ValueError(f"data.demo_errors.rate ({rate!r}) must be in [0, 0.5): a majority of wrong "
+                         "demonstrations would teach the wrong answer, e.g. 0.3")
+    kinds = list(_get(node, "kinds", "data.demo_errors"))
+    unknown = sorted(set(kinds) - set(_DEMO_KINDS))
+    if unknown:
+        raise ValueError(f"data.demo_errors.kinds has unknown kinds {unknown}: use only {_DEMO_KINDS}")
+    return {"rate": float(rate), "kinds": kinds}
 
 
 def _allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
@@ -225,12 +246,33 @@ class _Generator:
     def sft(self, n: int) -> list[dict[str, Any]]:
         rng = self._rng("sft")
         rows = []
+        errors = random.Random(f"demo_errors:{self.cfg.seed}")  # own stream: rate 0 leaves the rows as they were
         for family in self._family_plan(n, rng):
             p = make_problem(self._train_key(family, rng), self.world, rng)
-            rows.append({"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}],
-                         "family": family, "key": p.key, "answer": p.answer})
+            error, reply = self._demo_error(p.key, errors)
+            rows.append({"messages": [{"role": "user", "content": p.prompt},
+                                      {"role": "assistant", "content": p.answer if reply is None else reply}],
+                         "family": family, "key": p.key, "answer": p.answer, "demo_error": error})
             self._tick(1)
         return rows
+
+    def _demo_error(self, key: str, rng: random.Random) -> tuple[str | None, str | None]:
+        """With probability `demo_errors.rate`, a plausible wrong reply (kind, text) in place of the answer.
+
+        Kinds are drawn among the configured ones that apply to the problem; a problem none applies to
+        keeps its correct demonstration. The row's `answer` stays correct: only the demonstration errs.
+        """
+        cfg = self.cfg.demo_errors
+        if rng.random() >= cfg["rate"]:
+            return None, None
+        family = key.partition(":")[0]
+        kinds = [k for k in cfg["kinds"] if k in CORRUPTIONS[family]]
+        rng.shuffle(kinds)
+        for kind in kinds:
+            wrong = corrupt(key, kind, self.world, rng)
+            if wrong is not None:
+                return kind, wrong
+        return None, None
 
     def preference(self, n: int) -> list[dict[str, Any]]:
         rng = self._rng("preference")
@@ -364,6 +406,7 @@ def _manifest(config: DataConfig, splits: dict[str, list[dict]], hashes: dict[st
         "counts": {name: len(rows) for name, rows in splits.items()},
         "per_family": per_family,
         "corruptions": dict(sorted(Counter(r["corruption"] for r in splits["preference"]).items())),
+        "demo_errors": dict(sorted(Counter(r["demo_error"] for r in splits["sft"] if r["demo_error"]).items())),
         "sha256": hashes,
         "eval_partition": "sha256(key)[:8] as int / 2**32 < eval_fraction",
     }
@@ -378,6 +421,7 @@ def _metrics(config: DataConfig, splits: dict[str, list[dict]], leaked: int) -> 
         "pretrain_val_chars": sum(len(r["text"]) for r in splits["pretrain_val"]),
         "sft_rows": len(splits["sft"]),
         "sft_unique_keys": len({r["key"] for r in splits["sft"]}),
+        "sft_demo_error_rate": round(sum(r["demo_error"] is not None for r in splits["sft"]) / max(1, len(splits["sft"])), 4),
         "preference_rows": len(splits["preference"]),
         "rl_prompts_rows": len(splits["rl_prompts"]),
         "eval_rows": len(splits["eval"]),

@@ -31,12 +31,12 @@ from pipeline.data.world import ATTRIBUTES, World
 FAMILIES: tuple[str, ...] = ("add", "sub", "reverse", "sort", "count", "fact")
 
 CORRUPTIONS: dict[str, tuple[str, ...]] = {
-    "add": ("off_by_one", "off_by_ten", "carry_error", "swapped_digits", "wrong_operator", "rambling", "missing_end"),
-    "sub": ("off_by_one", "off_by_ten", "carry_error", "swapped_digits", "wrong_operator", "rambling", "missing_end"),
-    "count": ("off_by_one", "rambling", "missing_end"),
-    "reverse": ("swapped_letters", "copied_input", "rambling", "missing_end"),
-    "sort": ("swapped_letters", "copied_input", "rambling", "missing_end"),
-    "fact": ("wrong_entity", "rambling", "missing_end"),
+    "add": ("off_by_one", "off_by_ten", "carry_error", "swapped_digits", "wrong_operator", "preamble", "rambling", "missing_end"),
+    "sub": ("off_by_one", "off_by_ten", "carry_error", "swapped_digits", "wrong_operator", "preamble", "rambling", "missing_end"),
+    "count": ("off_by_one", "preamble", "rambling", "missing_end"),
+    "reverse": ("swapped_letters", "copied_input", "preamble", "rambling", "missing_end"),
+    "sort": ("swapped_letters", "copied_input", "preamble", "rambling", "missing_end"),
+    "fact": ("wrong_entity", "preamble", "rambling", "missing_end"),
 }
 
 _CONSONANTS = "bdfgklmnprstvz"
@@ -261,6 +261,10 @@ _FILLER = (
 )
 
 
+# A wordy lead-in before the answer: right value, wrong form (the reply must be the bare answer).
+_PREAMBLES = ("The answer is {x}.", "The answer is {x}, I think.")
+
+
 def _no_carry_sum(a: int, b: int) -> int:
     """Column-wise sum that forgets every carry (a common slip)."""
     result, place = 0, 1
@@ -302,10 +306,12 @@ def corrupt(key: str, kind: str, world: World, rng: random.Random) -> str | None
     wrong: str | None
     if kind == "missing_end":
         return correct
+    if kind == "preamble":
+        return rng.choice(_PREAMBLES).format(x=correct)
     if kind == "rambling":
         base = correct
         if rng.random() < 0.5:
-            value_kinds = [k for k in CORRUPTIONS[family] if k not in ("rambling", "missing_end")]
+            value_kinds = [k for k in CORRUPTIONS[family] if k not in ("preamble", "rambling", "missing_end")]
             base = corrupt(key, rng.choice(value_kinds), world, rng) or correct
         filler = " ".join(rng.sample(_FILLER, rng.randint(2, 3)))
         lead = rng.choice(("{x}. {f}", "{x}, I think. {f}", "{x} and also {g}"))

@@ -19,12 +19,12 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.data.tokenizer import ChatTokenizer
-from pipeline.inference.sampling import SamplingConfig, generate
 from pipeline.model import GPT
 from pipeline.objectives.base import Objective, lr_lambda
 from pipeline.objectives.reward import ScalarHead
-from pipeline.objectives.rollout import (build_sequences, gae, group_centre, kl_penalty, masked_mean,
-                                         masked_whiten, response_logprobs, response_positions)
+from pipeline.objectives.rollout import (clipped_policy_loss, gae, group_centre, kl_penalty, manual_step, masked_mean,
+                                         masked_whiten, minibatches, response_logprobs, response_positions,
+                                         sample_rollout)
 
 
 def validate_ppo(cfg: DictConfig) -> None:
@@ -60,7 +60,6 @@ class PPO(Objective):
         for frozen in (reference, reward_model):
             frozen.requires_grad_(False).eval()
         self.tok, self.cfg, self.seed = tok, cfg, seed
-        self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
         self.generator: torch.Generator | None = None
 
     def configure_optimizers(self):
@@ -78,18 +77,13 @@ class PPO(Objective):
 
     @torch.no_grad()
     def rollout(self, rows: list[dict]) -> dict:
-        tok, c = self.tok, self.cfg
-        prompts = [tok.prompt(r["prompt"]) for r in rows]
-        responses = generate(self.policy, prompts, self.sampling, stop_id=tok.end_id, pad_id=tok.pad_id,
-                             generator=self.generator)
-        seq, attn, mask, P = build_sequences(prompts, responses, tok.pad_id, self.device)
-        lengths = mask.sum(1)
-        temp = c.temperature
-        logp, _ = response_logprobs(self.policy, seq, attn, P, temperature=temp)
-        ref_logp, _ = response_logprobs(self.reference, seq, attn, P, temperature=temp)
+        c = self.cfg
+        b = sample_rollout(self.policy, self.tok, rows, c, self.generator, self.device)
+        seq, attn, mask, P, logp, lengths = b["seq"], b["attn"], b["mask"], b["P"], b["logp"], b["lengths"]
+        ref_logp, _ = response_logprobs(self.reference, seq, attn, P, temperature=c.temperature)
         values = self.critic.per_token(seq, attn)[:, P - 1:-1]
         scores = self.reward_model(seq, P + lengths - 1, attn, response_mask=response_positions(mask, P))
-        ended = torch.tensor([tok.end_id in r for r in responses], device=self.device)
+        ended = b["ended"].bool()
         scores = scores - c.missing_eos_penalty * (~ended).float()
         if c.score_clip:  # trlX's cliprange_reward: one outlier must not dominate the whitened advantages
             scores = scores.clamp(-c.score_clip, c.score_clip)
@@ -112,41 +106,32 @@ class PPO(Objective):
         self.policy.eval()  # no dropout while sampling and scoring
         b = self.rollout(rows)
         self.policy.train()
-        opt, sched = self.optimizers(), self.lr_schedulers()
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "vf", "approxkl", "clipfrac", "ratio", "vclipfrac", "entropy")}
-        for _ in range(c.ppo_epochs):
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed + self.global_step))
-            for mb in order.split(c.minibatch_size):
-                mb = mb.to(self.device)
-                m = b["mask"][mb]
-                logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True,
-                                                  temperature=c.temperature)
-                logratio = logp - b["logp"][mb]
-                ratio = logratio.exp()
-                adv = b["adv"][mb]
-                pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - c.cliprange, 1 + c.cliprange))
-                pg_loss = masked_mean(pg, m)
-                vpred = self.critic.per_token(b["seq"][mb], b["attn"][mb])[:, b["P"] - 1:-1]
-                old_v, ret = b["values"][mb], b["returns"][mb]
-                vclipped = old_v + (vpred - old_v).clamp(-c.cliprange_value, c.cliprange_value)
-                vf = 0.5 * torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2)
-                vf_loss = masked_mean(vf, m)
-                ent = masked_mean(entropy, m)
-                train_policy = batch_idx >= c.critic_warmup
-                loss = c.vf_coef * vf_loss + (pg_loss - c.entropy_coef * ent) * float(train_policy)
-                opt.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
-                self.clip_gradients(opt, gradient_clip_val=c.grad_clip, gradient_clip_algorithm="norm")
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    stats["pg"].append(pg_loss)
-                    stats["vf"].append(vf_loss)
-                    stats["approxkl"].append(masked_mean(0.5 * logratio ** 2, m))
-                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > c.cliprange).float(), m))
-                    stats["ratio"].append(masked_mean(ratio, m))
-                    stats["vclipfrac"].append(masked_mean(((vpred - old_v).abs() > c.cliprange_value).float(), m))
-                    stats["entropy"].append(ent)
+        for mb in minibatches(len(rows), c.minibatch_size, c.ppo_epochs, self.seed + self.global_step):
+            mb = mb.to(self.device)
+            m = b["mask"][mb]
+            logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True,
+                                              temperature=c.temperature)
+            logratio = logp - b["logp"][mb]
+            pg, ratio = clipped_policy_loss(logp, b["logp"][mb], b["adv"][mb], c.cliprange)
+            pg_loss = masked_mean(pg, m)
+            vpred = self.critic.per_token(b["seq"][mb], b["attn"][mb])[:, b["P"] - 1:-1]
+            old_v, ret = b["values"][mb], b["returns"][mb]
+            vclipped = old_v + (vpred - old_v).clamp(-c.cliprange_value, c.cliprange_value)
+            vf = 0.5 * torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2)
+            vf_loss = masked_mean(vf, m)
+            ent = masked_mean(entropy, m)
+            train_policy = batch_idx >= c.critic_warmup
+            loss = c.vf_coef * vf_loss + (pg_loss - c.entropy_coef * ent) * float(train_policy)
+            manual_step(self, loss, c.grad_clip)
+            with torch.no_grad():
+                stats["pg"].append(pg_loss)
+                stats["vf"].append(vf_loss)
+                stats["approxkl"].append(masked_mean(0.5 * logratio ** 2, m))
+                stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > c.cliprange).float(), m))
+                stats["ratio"].append(masked_mean(ratio, m))
+                stats["vclipfrac"].append(masked_mean(((vpred - old_v).abs() > c.cliprange_value).float(), m))
+                stats["entropy"].append(ent)
         avg = {k: torch.stack(v).mean() for k, v in stats.items()}
         kl = b["kl"].mean()
         self.log_dict({
@@ -157,7 +142,7 @@ class PPO(Objective):
             "policy/approxkl_avg": avg["approxkl"], "policy/clipfrac_avg": avg["clipfrac"],
             "policy/entropy_avg": avg["entropy"], "loss/policy_avg": avg["pg"], "loss/value_avg": avg["vf"],
             "val/ratio": avg["ratio"], "val/clipfrac_avg": avg["vclipfrac"],
-            "lr": sched.get_last_lr()[0],
+            "lr": self.lr_schedulers().get_last_lr()[0],
         }, prog_bar=False)
-        self.log("train/score", b["scores"].mean(), prog_bar=True)
+        self.log("train/reward", b["scores"].mean(), prog_bar=True)
         self.log("train/kl", kl, prog_bar=True)

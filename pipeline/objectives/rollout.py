@@ -6,10 +6,12 @@ attention mask, so padding on either side changes no logit.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference.sampling import left_pad
+from pipeline.inference.sampling import SamplingConfig, generate, left_pad
 from pipeline.model import GPT
 
 
@@ -25,6 +27,25 @@ def build_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id
             r_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long, device=device)
             r_mask[i, :len(r)] = True
     return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_mask, p_ids.size(1)
+
+
+@torch.no_grad()
+def sample_rollout(policy: GPT, tok, rows: list[dict], cfg, generator: torch.Generator | None,
+                   device: torch.device | str) -> dict:
+    """Sample one response per row's prompt (KV cache, stop at <|end|>) and pack the batch.
+
+    `cfg` carries max_new_tokens, temperature, top_k, top_p. Returns responses (token lists),
+    seq/attn/mask/P as `build_sequences`, the sampling log-probs `logp` (B,R) at that temperature,
+    `ended` (B,) and `lengths` (B,).
+    """
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    prompts = [tok.prompt(r["prompt"]) for r in rows]
+    responses = generate(policy, prompts, sampling, stop_id=tok.end_id, pad_id=tok.pad_id, generator=generator)
+    seq, attn, mask, P = build_sequences(prompts, responses, tok.pad_id, device)
+    logp, _ = response_logprobs(policy, seq, attn, P, temperature=cfg.temperature)
+    ended = torch.tensor([float(tok.end_id in r) for r in responses], device=device)
+    return {"responses": responses, "seq": seq, "attn": attn, "mask": mask, "P": P, "logp": logp,
+            "ended": ended, "lengths": mask.sum(1)}
 
 
 def response_positions(response_mask: torch.Tensor, P: int) -> torch.Tensor:
@@ -44,6 +65,22 @@ def response_logprobs(model: GPT, seq: torch.Tensor, attn: torch.Tensor, P: int,
     lp = logp.gather(-1, seq[:, P:, None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
     return lp, entropy
+
+
+def minibatches(n: int, size: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
+    """`epochs` shuffled passes over range(n) in index chunks of `size`; the seed fixes every order."""
+    for epoch in range(epochs):
+        yield from torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).split(size)
+
+
+def manual_step(module, loss: torch.Tensor, grad_clip: float) -> None:
+    """One optimizer + scheduler step of a LightningModule under manual optimization (online RL)."""
+    opt, sched = module.optimizers(), module.lr_schedulers()
+    opt.zero_grad(set_to_none=True)
+    module.manual_backward(loss)
+    module.clip_gradients(opt, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+    opt.step()
+    sched.step()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,6 +112,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 def group_centre(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Subtract from each score the mean of its group of `k` adjacent siblings (same prompt)."""
     return scores - scores.view(-1, k).mean(1).repeat_interleave(k)
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                        cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate as a per-token loss, max(-A r, -A clip(r, 1-e, 1+e)), and the ratio r.
+
+    `adv` broadcasts against the (B, R) log-probs: per token (PPO's GAE) or per row (GRPO, shape (B, 1)).
+    """
+    ratio = (logp - old_logp).exp()
+    return torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange)), ratio
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:

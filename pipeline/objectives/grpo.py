@@ -1,0 +1,117 @@
+"""RL with a verifiable reward, GRPO style (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer).
+
+Per iteration:
+1. each prompt gets `group_size` samples from the policy (KV-cache sampler, stop at <|end|>);
+2. the reward is the generator's own checker: 1 for an exact answer that ends, else 0 (no reward
+   model, so nothing to hack);
+3. a sample's advantage is its reward minus its group's mean, divided by the group's std when
+   `scale_rewards` (Dr. GRPO argues for leaving it off); groups where every sample scored the same
+   carry no signal and give zero advantage;
+4. `epochs` passes of the clipped surrogate over minibatches (one pass = plain on-policy REINFORCE
+   with a group baseline), optionally with a k3 KL penalty to the frozen SFT reference (`kl_coef`).
+Metrics carry TRL's names: reward, reward_std, frac_reward_zero_std, kl, clip_ratio, entropy.
+"""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.data.tasks import check
+from pipeline.data.tokenizer import ChatTokenizer
+from pipeline.model import GPT
+from pipeline.objectives.base import Objective
+from pipeline.objectives.rollout import (clipped_policy_loss, kl_penalty, manual_step, masked_mean, minibatches,
+                                         response_logprobs, sample_rollout)
+
+
+def validate_grpo(cfg: DictConfig) -> None:
+    for name in ("steps", "rollout_batch", "group_size", "epochs", "minibatch_size", "max_new_tokens"):
+        if int(cfg[name]) <= 0:
+            raise ValueError(f"align.{name} must be positive, got {cfg[name]}")
+    if cfg.group_size < 2:
+        raise ValueError(f"align.group_size must be >= 2 (advantages are relative to the group), got {cfg.group_size}")
+    if cfg.minibatch_size > cfg.rollout_batch * cfg.group_size:
+        raise ValueError(f"align.minibatch_size ({cfg.minibatch_size}) must be <= align.rollout_batch x "
+                         f"align.group_size ({cfg.rollout_batch * cfg.group_size})")
+    if not cfg.temperature > 0:
+        raise ValueError(f"align.temperature must be positive for sampling, got {cfg.temperature}")
+    if cfg.kl_coef < 0 or not 0 < cfg.cliprange < 1:
+        raise ValueError("align.kl_coef must be >= 0 and align.cliprange in (0, 1)")
+
+
+def updates_per_run(cfg: DictConfig) -> int:
+    return cfg.steps * cfg.epochs * -(-cfg.rollout_batch * cfg.group_size // cfg.minibatch_size)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool, eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean of its group) [/ (std of its group + eps)]; groups are `group_size` adjacent rows."""
+    groups = rewards.view(-1, group_size)
+    adv = groups - groups.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (groups.std(1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def verifiable_rewards(tok: ChatTokenizer, rows: list[dict], responses: list[list[int]]) -> torch.Tensor:
+    """1.0 where the response ends and its answer checks exactly, else 0.0."""
+    return torch.tensor([float(tok.end_id in resp and check(row["answer"], tok.decode(tok.strip_response(resp))))
+                         for row, resp in zip(rows, responses)])
+
+
+class GRPO(Objective):
+    """Trains `policy`; `reference` (used only when kl_coef > 0) stays frozen."""
+
+    def __init__(self, policy: GPT, reference: GPT, tok: ChatTokenizer, cfg: DictConfig, seed: int) -> None:
+        super().__init__(cfg.optim, updates_per_run(cfg))
+        self.automatic_optimization = False
+        self.policy, self.reference, self.tok, self.cfg, self.seed = policy, reference, tok, cfg, seed
+        reference.requires_grad_(False).eval()
+        self.generator: torch.Generator | None = None
+
+    def configure_optimizers(self):
+        self.reference.requires_grad_(False)
+        return super().configure_optimizers()
+
+    def on_train_start(self) -> None:
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def training_step(self, rows: list[dict], batch_idx: int) -> None:
+        c = self.cfg
+        rows = [r for r in rows for _ in range(c.group_size)]  # a prompt's samples stay adjacent
+        self.policy.eval()
+        b = sample_rollout(self.policy, self.tok, rows, c, self.generator, self.device)
+        rewards = verifiable_rewards(self.tok, rows, b["responses"]).to(self.device)
+        adv = group_advantages(rewards, c.group_size, c.scale_rewards)
+        with torch.no_grad():
+            ref_logp = (response_logprobs(self.reference, b["seq"], b["attn"], b["P"], temperature=c.temperature)[0]
+                        if c.kl_coef > 0 else None)
+        self.policy.train()
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", "kl", "clip", "entropy")}
+        for mb in minibatches(len(rows), c.minibatch_size, c.epochs, self.seed + self.global_step):
+            mb = mb.to(self.device)
+            m = b["mask"][mb]
+            logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True,
+                                              temperature=c.temperature)
+            per_token, ratio = clipped_policy_loss(logp, b["logp"][mb], adv[mb, None], c.cliprange)
+            kl = torch.zeros((), device=self.device)
+            if ref_logp is not None:
+                k3 = kl_penalty(logp, ref_logp[mb], "k3")
+                per_token = per_token + c.kl_coef * k3
+                kl = masked_mean(k3.detach(), m)
+            loss = masked_mean(per_token, m)
+            manual_step(self, loss, c.grad_clip)
+            with torch.no_grad():
+                stats["loss"].append(loss.detach())
+                stats["kl"].append(kl)
+                stats["clip"].append(masked_mean(((ratio - 1).abs() > c.cliprange).float(), m))
+                stats["entropy"].append(masked_mean(entropy, m))
+        avg = {k: torch.stack(v).mean() for k, v in stats.items()}
+        groups = rewards.view(-1, c.group_size)
+        self.log_dict({
+            "reward": rewards.mean(), "reward_std": groups.std(1).mean(),
+            "frac_reward_zero_std": (groups.std(1) == 0).float().mean(),
+            "kl": avg["kl"], "clip_ratio": avg["clip"], "entropy": avg["entropy"], "loss": avg["loss"],
+            "completions/mean_length": b["mask"].sum(1).float().mean(),
+            "completions/eos_rate": b["ended"].mean(), "lr": self.lr_schedulers().get_last_lr()[0],
+        }, prog_bar=False)
+        self.log("train/reward", rewards.mean(), prog_bar=True)
