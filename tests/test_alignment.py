@@ -197,3 +197,11 @@ def test_config_groups_hold_every_method():
         assert cfg.align.method == method
         validate_align(cfg.align)
         assert OmegaConf.select(cfg, "align.kl_bound") > 0
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    from pipeline.objectives.ppo import AdaptiveKLController
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    assert ctl.update(kl=3.0, n=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    assert ctl.update(kl=0.9, n=10) == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))  # KL under target: beta falls

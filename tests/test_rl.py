@@ -70,7 +70,7 @@ def test_one_ppo_iteration_moves_the_policy_and_nothing_frozen(in_chain):
     from pipeline.objectives.ppo import PPO
     from pipeline.train import fit
 
-    cfg = compose_micro("align.steps=1", "align.critic_warmup=0")
+    cfg = compose_micro("align.steps=1", "align.critic_warmup=0", "align.adaptive_kl.target=0.5")
     tok = load_tokenizer(cfg)
     policy, _ = load_gpt("sft")
     reference, _ = load_gpt("sft")
@@ -81,8 +81,11 @@ def test_one_ppo_iteration_moves_the_policy_and_nothing_frozen(in_chain):
     rm_before = {k: v.clone() for k, v in rm.state_dict().items()}
     cfg.align.optim.lr = 1e-3
     module = PPO(policy.train(), reference, critic.train(), rm, tok, cfg.align, seed=0)
-    fit(module, PromptData(DATA_DIR, cfg.align.rollout_batch, 1, 0), cfg, "align_test", validate=False,
-        max_epochs=1, log_every=1)
+    _, curves, _ = fit(module, PromptData(DATA_DIR, cfg.align.rollout_batch, 1, 0), cfg, "align_test",
+                       validate=False, max_epochs=1, log_every=1)
+    # the adaptive controller shaped this rollout with the initial beta, then moved it
+    assert curves.train[0]["objective/kl_coef"] == pytest.approx(cfg.align.kl_coef)
+    assert module.beta != cfg.align.kl_coef
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
     assert all(torch.equal(ref_before[k], v) for k, v in reference.state_dict().items())
     assert all(torch.equal(rm_before[k], v) for k, v in rm.state_dict().items())

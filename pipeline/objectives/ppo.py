@@ -4,7 +4,9 @@ Per rollout batch (Ouyang et al. 2022; TRL's PPOTrainer):
 1. the policy samples a response per prompt with the KV-cache sampler, stopping at <|end|>;
 2. the frozen reward model scores each full exchange at its last token (a response that never ends
    loses `missing_eos_penalty`); the frozen SFT reference gives per-token log-probs;
-3. per-token reward = -kl_coef * KL estimate, plus the score on the last token;
+3. per-token reward = -beta * KL estimate, plus the score on the last token; beta is `kl_coef`, or,
+   with `adaptive_kl.target` set, Ziegler et al.'s (2019) proportional controller steering the
+   measured KL toward the target;
 4. a critic (initialised from the reward model) gives values; GAE(gamma, lam) gives advantages;
 5. `ppo_epochs` passes over shuffled minibatches: clipped policy loss, clipped value loss,
    optional entropy bonus.
@@ -36,12 +38,27 @@ def validate_ppo(cfg: DictConfig) -> None:
     if cfg.minibatch_size > cfg.rollout_batch * cfg.samples_per_prompt:
         raise ValueError(f"align.minibatch_size ({cfg.minibatch_size}) must be <= align.rollout_batch x "
                          f"align.samples_per_prompt ({cfg.rollout_batch * cfg.samples_per_prompt})")
+    ak = cfg.get("adaptive_kl") or {}
+    if ak.get("target") is not None and not (ak["target"] > 0 and ak.get("horizon", 0) > 0):
+        raise ValueError("align.adaptive_kl.target and align.adaptive_kl.horizon must be positive (target: null = fixed kl_coef)")
     if cfg.kl_estimator not in ("k1", "k3"):
         raise ValueError(f"align.kl_estimator {cfg.kl_estimator!r} is unknown: choose k1 or k3")
     if not cfg.temperature > 0:
         raise ValueError(f"align.temperature must be positive for PPO sampling, got {cfg.temperature}")
     if not (0 < cfg.cliprange < 1 and cfg.cliprange_value > 0):
         raise ValueError("align.cliprange must be in (0, 1) and align.cliprange_value positive")
+
+
+class AdaptiveKLController:
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) after each rollout of n samples."""
+
+    def __init__(self, init: float, target: float, horizon: int) -> None:
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n / self.horizon
+        return self.value
 
 
 def updates_per_run(cfg: DictConfig) -> int:
@@ -61,6 +78,12 @@ class PPO(Objective):
             frozen.requires_grad_(False).eval()
         self.tok, self.cfg, self.seed = tok, cfg, seed
         self.generator: torch.Generator | None = None
+        ak = cfg.get("adaptive_kl") or {}
+        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, ak["target"], ak["horizon"]) if ak.get("target") else None
+
+    @property
+    def beta(self) -> float:
+        return self.kl_ctl.value if self.kl_ctl else self.cfg.kl_coef
 
     def configure_optimizers(self):
         """AdamW with the policy at `optim.lr` and the critic at `critic_lr`; same schedule for both."""
@@ -88,7 +111,7 @@ class PPO(Objective):
         if c.score_clip:  # trlX's cliprange_reward: one outlier must not dominate the whitened advantages
             scores = scores.clamp(-c.score_clip, c.score_clip)
         kl = kl_penalty(logp, ref_logp, c.kl_estimator) * mask
-        rewards = -c.kl_coef * kl
+        rewards = -self.beta * kl
         k = c.samples_per_prompt
         # with several samples per prompt, score each against its siblings: prompt difficulty cancels
         centred = group_centre(scores, k) if c.group_baseline and k > 1 else scores
@@ -134,9 +157,12 @@ class PPO(Objective):
                 stats["entropy"].append(ent)
         avg = {k: torch.stack(v).mean() for k, v in stats.items()}
         kl = b["kl"].mean()
+        beta = self.beta  # the coefficient this rollout was shaped with
+        if self.kl_ctl and batch_idx >= c.critic_warmup:
+            self.kl_ctl.update(float(kl), len(rows))
         self.log_dict({
             "objective/kl": kl, "objective/scores": b["scores"].mean(),
-            "objective/rlhf_reward": (b["scores"] - c.kl_coef * b["kl"]).mean(),
+            "objective/rlhf_reward": (b["scores"] - beta * b["kl"]).mean(), "objective/kl_coef": beta,
             "objective/entropy": b["neg_logp"].mean(), "objective/response_length": b["lengths"].mean(),
             "objective/eos_rate": b["ended"].mean(),
             "policy/approxkl_avg": avg["approxkl"], "policy/clipfrac_avg": avg["clipfrac"],
