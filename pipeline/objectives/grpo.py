@@ -8,7 +8,8 @@ Per iteration:
    `scale_rewards` (Dr. GRPO argues for leaving it off); groups where every sample scored the same
    carry no signal and give zero advantage;
 4. `epochs` passes of the clipped surrogate over minibatches (one pass = plain on-policy REINFORCE
-   with a group baseline), optionally with a k3 KL penalty to the frozen SFT reference (`kl_coef`).
+   with a group baseline), optionally with a k3 KL penalty to the frozen SFT reference (`kl_coef`;
+   `kl` is logged only then: `evaluate` measures KL to SFT for every method).
 Metrics carry TRL's names: reward, reward_std, frac_reward_zero_std, kl, clip_ratio, entropy.
 """
 from __future__ import annotations
@@ -93,24 +94,24 @@ class GRPO(Objective):
             logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True,
                                               temperature=c.temperature)
             per_token, ratio = clipped_policy_loss(logp, b["logp"][mb], adv[mb, None], c.cliprange)
-            kl = torch.zeros((), device=self.device)
-            if ref_logp is not None:
+            if ref_logp is not None:  # measured only when penalised, as TRL does
                 k3 = kl_penalty(logp, ref_logp[mb], "k3")
                 per_token = per_token + c.kl_coef * k3
-                kl = masked_mean(k3.detach(), m)
+                stats["kl"].append(masked_mean(k3.detach(), m))
             loss = masked_mean(per_token, m)
             manual_step(self, loss, c.grad_clip)
             with torch.no_grad():
                 stats["loss"].append(loss.detach())
-                stats["kl"].append(kl)
                 stats["clip"].append(masked_mean(((ratio - 1).abs() > c.cliprange).float(), m))
                 stats["entropy"].append(masked_mean(entropy, m))
-        avg = {k: torch.stack(v).mean() for k, v in stats.items()}
+        avg = {k: torch.stack(v).mean() for k, v in stats.items() if v}
         groups = rewards.view(-1, c.group_size)
+        if "kl" in avg:
+            self.log("kl", avg["kl"])
         self.log_dict({
             "reward": rewards.mean(), "reward_std": groups.std(1).mean(),
             "frac_reward_zero_std": (groups.std(1) == 0).float().mean(),
-            "kl": avg["kl"], "clip_ratio": avg["clip"], "entropy": avg["entropy"], "loss": avg["loss"],
+            "clip_ratio": avg["clip"], "entropy": avg["entropy"], "loss": avg["loss"],
             "completions/mean_length": b["mask"].sum(1).float().mean(),
             "completions/eos_rate": b["ended"].mean(), "lr": self.lr_schedulers().get_last_lr()[0],
         }, prog_bar=False)
