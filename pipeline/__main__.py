@@ -18,7 +18,7 @@ from pipeline.runner import run_stage
 def main(cfg: DictConfig) -> float | None:
     if not cfg.get("stage"):
         print("choose a stage: python -m pipeline stage=<prepare|tokenizer|pretrain|sft|reward|align|"
-              "evaluate|report|all> [overrides]", file=sys.stderr)
+              "sft_control|evaluate|report|all> [overrides]", file=sys.stderr)
         raise SystemExit(2)
     OmegaConf.resolve(cfg)
     try:

@@ -59,3 +59,80 @@ def test_missing_upstream_names_the_stage_to_run(tmp_path):
     proc = run(["-m", "stages.sft"], tmp_path)
     assert proc.returncode == 2
     assert "tokenizer" in proc.stderr and "dvc repro" in proc.stderr
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 120.0) -> bytes:
+    import os
+    import select
+    import time
+    buf, end = b"", time.monotonic() + timeout
+    while marker not in buf:
+        ready, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"no {marker!r} within {timeout}s; got {buf[-500:]!r}")
+        buf += os.read(fd, 4096)
+    return buf
+
+
+def test_chat_cli_in_a_pseudo_terminal(micro_chain):
+    """The console script's chat, driven like a person at a terminal: a reply, commands, a clean exit."""
+    import os
+    import pty
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "chat", "--stage", "sft", "--max-new-tokens", "6"],
+                            stdin=slave, stdout=slave, stderr=slave, cwd=micro_chain, close_fds=True,
+                            env=venv_env(PYTHONPATH=str(REPO)))
+    os.close(slave)
+    try:
+        assert b"chatting with checkpoint 'sft'" in _read_until(master, b"> ")
+        os.write(master, b"What is 2 + 3?\r")
+        _read_until(master, b"> ")  # the reply streamed, then the next prompt
+        for command, answer in ((b"/temp 0.5", b"(temperature 0.5)"), (b"/topk x", b"bad value"),
+                                (b"/reset", b"(conversation cleared)"), (b"/nope", b"unknown command")):
+            os.write(master, command + b"\r")
+            _read_until(master, answer)
+        os.write(master, b"/quit\r")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+
+
+def test_generate_answers_once_and_a_missing_checkpoint_is_named(micro_chain, tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+    monkeypatch.chdir(micro_chain)
+    assert main(["generate", "--stage", "sft", "--prompt", "What is 2 + 3?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    staged_dir(micro_chain, tmp_path / "bare")
+    monkeypatch.chdir(tmp_path / "bare")
+    assert main(["generate", "--stage", "aligned", "--prompt", "hi"]) == 2
+    assert "dvc repro align" in capsys.readouterr().err
+
+
+def test_chat_keeps_the_template_and_drops_the_oldest_turns(in_chain):
+    from pipeline.checkpoint import load_gpt
+    from pipeline.cli import Chat
+    from pipeline.context import load_tokenizer
+    from pipeline.inference.sampling import SamplingConfig
+
+    tok = load_tokenizer(compose_micro())
+    model, _ = load_gpt("sft")
+    chat = Chat(model, tok, SamplingConfig(4, 0.0), seed=0)
+    streamed = []
+
+    class Out:
+        def write(self, text: str) -> None:
+            streamed.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    text = chat.reply("What is 1 + 1?", out=Out())
+    assert "".join(streamed).strip() == text.strip()
+    first = chat.context("And 2 + 2?")
+    assert first[0] == tok.bos_id and first.count(tok.user_id) == 2 and first[-1] == tok.assistant_id
+    for i in range(40):  # far more history than micro's 64-token context holds
+        chat.turns.append((tok.encode(f"question {i}"), tok.encode("answer") + [tok.end_id]))
+    ctx = chat.context("last?")
+    assert len(ctx) <= model.config.block_size - 4 and ctx[0] == tok.bos_id
+    assert tok.decode(ctx).endswith("last?") and "question 39" in tok.decode(ctx) and "question 0" not in tok.decode(ctx)

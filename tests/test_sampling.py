@@ -62,3 +62,13 @@ def test_seeded_sampling_is_reproducible():
     b = generate(m, PROMPTS, cfg, stop_id=None, pad_id=0, generator=torch.Generator().manual_seed(3))
     c = generate(m, PROMPTS, cfg, stop_id=None, pad_id=0, generator=torch.Generator().manual_seed(4))
     assert a == b and a != c
+
+
+def test_on_step_streams_every_rows_tokens_as_they_are_sampled():
+    model = tiny_model()
+    prompts = [[1, 2, 3], [4, 5]]
+    steps: list[list[int]] = []
+    out = generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=0.0), stop_id=None, pad_id=0,
+                   on_step=steps.append)
+    assert len(steps) == 6 and all(len(s) == 2 for s in steps)
+    assert [[s[i] for s in steps] for i in range(2)] == out

@@ -7,6 +7,7 @@ Each step feeds one token per row and reuses the cached keys/values of everythin
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +51,12 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str) 
 
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_id: int | None,
-             pad_id: int, use_cache: bool = True, generator: torch.Generator | None = None) -> list[list[int]]:
-    """Sample a continuation for each prompt; each stops after emitting `stop_id` (kept) or at max_new_tokens."""
+             pad_id: int, use_cache: bool = True, generator: torch.Generator | None = None,
+             on_step: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+    """Sample a continuation for each prompt; each stops after emitting `stop_id` (kept) or at max_new_tokens.
+
+    `on_step`, if given, receives each step's new token of every row (pad for finished rows): streaming.
+    """
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -78,6 +83,8 @@ def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out[:, t] = nxt
+        if on_step is not None:
+            on_step(nxt.tolist())
         if stop_id is not None:
             done |= nxt == stop_id
         step_ids, step_mask = nxt[:, None], ~done[:, None] | (nxt[:, None] == stop_id)
