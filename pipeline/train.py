@@ -56,8 +56,11 @@ class CurveRecorder(Callback):
     def write(self) -> None:
         CURVES_DIR.mkdir(parents=True, exist_ok=True)
         for split, rows in (("train", self.train), ("val", self.val)):
+            path = CURVES_DIR / f"{self.stage}_{split}.json"
             if rows:
-                (CURVES_DIR / f"{self.stage}_{split}.json").write_text(json.dumps(rows) + "\n")
+                path.write_text(json.dumps(rows) + "\n")
+            else:  # a run that logged no such curve leaves none behind from an earlier run
+                path.unlink(missing_ok=True)
 
 
 def build_strategy(cfg: DictConfig):

@@ -7,8 +7,6 @@ Each writes checkpoint `aligned` and `metrics/align.json` naming the method and 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 from omegaconf import DictConfig
 
@@ -82,7 +80,6 @@ TRAIN = {"ppo": _ppo, "dpo": _dpo, "grpo": _grpo}
 def run(cfg: DictConfig) -> dict:
     a = cfg.align
     validate_align(a)
-    Path("metrics/curves/align_val.json").unlink(missing_ok=True)  # only DPO validates: drop a stale one
     tok = load_tokenizer(cfg)
     policy, _ = load_gpt("sft", tok.sha256)
     reference, _ = load_gpt("sft", tok.sha256)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from pipeline.model import GPT
 from pipeline.objectives.base import Objective
+from pipeline.objectives.rollout import sequence_logprobs
 
 
 def validate_dpo(cfg: DictConfig) -> None:
@@ -30,11 +31,8 @@ def validate_dpo(cfg: DictConfig) -> None:
         raise ValueError(f"align.label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
 
 
-def sequence_logprobs(model: GPT, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(token | prefix) over the tokens `response_mask` marks (B,): right-padded rows."""
-    logits = model(input_ids[:, :-1]).float()
-    logp = F.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return (logp * response_mask[:, 1:]).sum(1)
+def policy_updates(cfg: DictConfig) -> int:
+    return int(cfg.steps)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -40,7 +40,7 @@ def validate_grpo(cfg: DictConfig) -> None:
         raise ValueError("align.kl_coef must be >= 0 and align.cliprange in (0, 1)")
 
 
-def updates_per_run(cfg: DictConfig) -> int:
+def policy_updates(cfg: DictConfig) -> int:
     return cfg.steps * cfg.epochs * -(-cfg.rollout_batch * cfg.group_size // cfg.minibatch_size)
 
 
@@ -63,7 +63,7 @@ class GRPO(Objective):
     """Trains `policy`; `reference` (used only when kl_coef > 0) stays frozen."""
 
     def __init__(self, policy: GPT, reference: GPT, tok: ChatTokenizer, cfg: DictConfig, seed: int) -> None:
-        super().__init__(cfg.optim, updates_per_run(cfg))
+        super().__init__(cfg.optim, policy_updates(cfg))
         self.automatic_optimization = False
         self.policy, self.reference, self.tok, self.cfg, self.seed = policy, reference, tok, cfg, seed
         reference.requires_grad_(False).eval()

@@ -15,6 +15,9 @@ from pipeline.objectives.base import validate_optim
 _VALIDATE: dict[str, Callable[[DictConfig], None]] = {
     "ppo": ppo.validate_ppo, "dpo": dpo.validate_dpo, "grpo": grpo.validate_grpo,
 }
+_POLICY_UPDATES: dict[str, Callable[[DictConfig], int]] = {
+    "ppo": ppo.policy_updates, "dpo": dpo.policy_updates, "grpo": grpo.policy_updates,
+}
 METHODS = tuple(_VALIDATE)
 
 
@@ -31,9 +34,4 @@ def validate_align(cfg: DictConfig) -> None:
 
 def policy_updates(cfg: DictConfig) -> int:
     """Optimizer steps the policy takes under `cfg` (PPO's critic-only warmup steps not counted)."""
-    if cfg.method == "dpo":
-        return int(cfg.steps)
-    if cfg.method == "grpo":
-        return grpo.updates_per_run(cfg)
-    minibatches = -(-cfg.rollout_batch * cfg.samples_per_prompt // cfg.minibatch_size)
-    return int(cfg.steps * cfg.ppo_epochs * minibatches)
+    return int(_POLICY_UPDATES[cfg.method](cfg))

@@ -61,9 +61,13 @@ class AdaptiveKLController:
         return self.value
 
 
+def policy_updates(cfg: DictConfig) -> int:
+    """Optimizer steps that move the policy (the critic-only warmup iterations are not among them)."""
+    return cfg.steps * cfg.ppo_epochs * -(-cfg.rollout_batch * cfg.samples_per_prompt // cfg.minibatch_size)
+
+
 def updates_per_run(cfg: DictConfig) -> int:
-    minibatches = -(-cfg.rollout_batch * cfg.samples_per_prompt // cfg.minibatch_size)
-    return (cfg.steps + cfg.critic_warmup) * cfg.ppo_epochs * minibatches
+    return policy_updates(cfg) * (cfg.steps + cfg.critic_warmup) // cfg.steps
 
 
 class PPO(Objective):

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from pipeline.model import GPT
 from pipeline.objectives.base import Objective
+from pipeline.objectives.rollout import sequence_logprobs
 
 if TYPE_CHECKING:
     from pipeline.data.tokenizer import ChatTokenizer
@@ -70,10 +71,8 @@ class ScalarHead(nn.Module):
             if response_mask is None:
                 raise ValueError("this reward model has a likelihood term: pass response_mask")
             with torch.no_grad():
-                logits = self.frozen_lm(idx[:, :-1], attention_mask=None if attention_mask is None
-                                        else attention_mask[:, :-1])
-            logp = F.log_softmax(logits.float(), -1).gather(-1, idx[:, 1:, None]).squeeze(-1)
-            score = score + self.lm_scale * (logp * response_mask[:, 1:]).sum(1)
+                loglik = sequence_logprobs(self.frozen_lm, idx, response_mask, attention_mask)
+            score = score + self.lm_scale * loglik
         return score
 
 

@@ -67,6 +67,14 @@ def response_logprobs(model: GPT, seq: torch.Tensor, attn: torch.Tensor, P: int,
     return lp, entropy
 
 
+def sequence_logprobs(model: GPT, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of log p(token | prefix) over the tokens `response_mask` (B,T) marks (B,): right-padded rows."""
+    logits = model(input_ids[:, :-1], attention_mask=None if attention_mask is None else attention_mask[:, :-1])
+    logp = F.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (logp * response_mask[:, 1:]).sum(1)
+
+
 def minibatches(n: int, size: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
     """`epochs` shuffled passes over range(n) in index chunks of `size`; the seed fixes every order."""
     for epoch in range(epochs):
