@@ -26,7 +26,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
+    if path.is_symlink():  # a multirun job's link to the workspace's copy: replace the link, not its target
+        path.unlink()
+    elif path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
 

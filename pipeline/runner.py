@@ -28,12 +28,21 @@ def setup_environment(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HOME", str(Path(".cache/huggingface").resolve()))
+    os.environ.setdefault("HF_HOME", str(PROJECT_ROOT / ".cache" / "huggingface"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    threads = (cfg.get("trainer") or {}).get("num_threads")
-    if threads:
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("num_threads") or trainer.get("matmul_precision"):
         import torch
-        torch.set_num_threads(int(threads))
+        if trainer.get("num_threads"):
+            torch.set_num_threads(int(trainer.num_threads))
+        if trainer.get("matmul_precision"):  # "high" lets fp32 matmuls use TF32 tensor cores on GPUs
+            torch.set_float32_matmul_precision(str(trainer.matmul_precision))
+
+
+def global_rank() -> int:
+    """This process's rank under torchrun, SLURM or Lightning's launcher (0 when not distributed)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 def stage_module(name: str):
@@ -54,7 +63,8 @@ def run_stage(name: str, cfg: DictConfig) -> dict:
     metrics = module.run(cfg)
     if not any(isinstance(v, dict) for v in metrics.values()):  # evaluate's table stays {checkpoint: {...}}
         metrics = {**metrics, "wall_time_s": round(time.time() - start, 2)}
-    write_json(METRICS_DIR / f"{name}.json", metrics)
+    if global_rank() == 0:  # under DDP/FSDP every rank runs the stage; one writes its metrics
+        write_json(METRICS_DIR / f"{name}.json", metrics)
     return metrics
 
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,6 +64,9 @@ class CurveRecorder(Callback):
                 path.unlink(missing_ok=True)
 
 
+STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2", "deepspeed")
+
+
 def build_strategy(cfg: DictConfig):
     """Map `conf/strategy/<name>.yaml` onto a Lightning strategy object."""
     s = cfg.strategy
@@ -73,20 +77,27 @@ def build_strategy(cfg: DictConfig):
         from lightning.pytorch.strategies import DDPStrategy
         return DDPStrategy(find_unused_parameters=bool(s.get("find_unused_parameters", False)),
                            process_group_backend=s.get("process_group_backend"))
-    if name == "fsdp":
+    if name == "fsdp":  # FSDP1 wrapper: one unit per transformer block (CUDA only in Lightning)
         from lightning.pytorch.strategies import FSDPStrategy
 
         from pipeline.model.gpt import Block
         return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy=s.get("sharding_strategy", "FULL_SHARD"),
-                            activation_checkpointing_policy={Block} if s.get("activation_checkpointing") else None)
+                            cpu_offload=bool(s.get("cpu_offload", False)), state_dict_type="full")
+    if name == "fsdp2":  # per-parameter sharding (fully_shard) applied in Objective.configure_model
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        # "auto" data parallel size = every process (set in build_trainer once the device count is parsed)
+        return ModelParallelStrategy(data_parallel_size=s.get("data_parallel_size", "auto"), tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False,
+                                     process_group_backend=s.get("process_group_backend"))
     if name == "deepspeed":
         try:
             import deepspeed  # noqa: F401  (optional extra)
         except ImportError as err:
-            raise ValueError("strategy=deepspeed needs the optional extra: pip install -e '.[deepspeed]'") from err
+            raise ValueError(f"strategy={name} needs the optional extra: pip install -e '.[deepspeed]'") from err
         from lightning.pytorch.strategies import DeepSpeedStrategy
-        return DeepSpeedStrategy(stage=int(s.get("stage", 2)), offload_optimizer=bool(s.get("offload_optimizer", False)))
-    raise ValueError(f"strategy.name {name!r} is unknown: choose auto, ddp, fsdp or deepspeed (conf/strategy/)")
+        return DeepSpeedStrategy(stage=int(s.stage), offload_optimizer=bool(s.get("offload_optimizer", False)),
+                                 offload_parameters=bool(s.get("offload_parameters", False)))
+    raise ValueError(f"strategy.name {name!r} is unknown: choose one of {', '.join(STRATEGIES)} (conf/strategy/)")
 
 
 def build_logger(cfg: DictConfig, stage: str):
@@ -101,29 +112,96 @@ def build_logger(cfg: DictConfig, stage: str):
     group = run_group(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["git_commit"] = git_commit()
-    Path(lg.get("save_dir", ".")).mkdir(parents=True, exist_ok=True)
+    # absolute: W&B's service process keeps the working directory it started in (a sweep's first job)
+    save_dir = Path(lg.get("save_dir", ".")).resolve()
+    save_dir.mkdir(parents=True, exist_ok=True)
     return WandbLogger(project=lg.project, entity=lg.get("entity"), group=group, job_type=stage,
-                       name=f"{stage}-{group}", save_dir=lg.get("save_dir", "."), config=config,
+                       name=f"{stage}-{group}", save_dir=str(save_dir), config=config,
                        log_model=False)
 
 
 def build_trainer(cfg: DictConfig, stage: str, *, max_steps: int = -1, max_epochs: int | None = None,
                   val_every: int | None = None, val_batches: int | float = 1.0,
                   grad_clip: float | None = None, accumulate: int = 1, log_every: int | None = None,
-                  callbacks: list[Callback] | None = None) -> L.Trainer:
+                  callbacks: list[Callback] | None = None, global_batch_tokens: int | None = None,
+                  micro_batch_tokens: int | None = None, single_device: bool = False) -> L.Trainer:
+    """A Trainer for `stage`. With `global_batch_tokens`, gradient accumulation is derived from it:
+    global tokens = micro_batch_tokens x world size x accumulate, and must divide exactly.
+    `single_device` ignores `strategy`, `devices` and `num_nodes`: for stages that score, sample or
+    save outside Lightning's loop (reward, align), which would otherwise run once per rank."""
     t = cfg.trainer
     if str(t.precision) not in PRECISIONS:
         raise ValueError(f"trainer.precision {t.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
-    return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
-        strategy=build_strategy(cfg), max_steps=max_steps, max_epochs=max_epochs,
+    log_every = log_every or t.log_every_n_steps
+    callbacks = list(callbacks or [])
+    show_bar = bool(t.get("progress_bar", True))
+    if show_bar:  # redrawn on logging steps only: the default redraws (and reads the loss) every step
+        from lightning.pytorch.callbacks import RichProgressBar
+        callbacks.append(RichProgressBar(refresh_rate=log_every))
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=1 if single_device else t.devices,
+        num_nodes=1 if single_device else t.num_nodes, precision=t.precision,
+        strategy="auto" if single_device else build_strategy(cfg), max_steps=max_steps, max_epochs=max_epochs,
         val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1,
         limit_val_batches=val_batches, num_sanity_val_steps=0,
         gradient_clip_val=grad_clip, accumulate_grad_batches=accumulate,
-        log_every_n_steps=log_every or t.log_every_n_steps, logger=build_logger(cfg, stage),
-        callbacks=callbacks or [], enable_checkpointing=False, deterministic=t.get("deterministic", False),
-        default_root_dir=f"outputs/lightning/{stage}", enable_model_summary=False,
+        log_every_n_steps=log_every, logger=build_logger(cfg, stage),
+        callbacks=callbacks, enable_checkpointing=False, deterministic=t.get("deterministic", False),
+        default_root_dir=f"outputs/lightning/{stage}", enable_model_summary=False, enable_progress_bar=show_bar,
     )
+    strategy = trainer.strategy
+    if type(strategy).__name__ == "ModelParallelStrategy" and strategy._data_parallel_size == "auto":
+        strategy._data_parallel_size = trainer.num_nodes * trainer.num_devices  # Lightning's auto would be num_nodes
+    if global_batch_tokens:
+        trainer.accumulate_grad_batches = accumulation_steps(global_batch_tokens, micro_batch_tokens, trainer.world_size)
+    return trainer
+
+
+def accumulation_steps(global_batch_tokens: int, micro_batch_tokens: int | None, world_size: int) -> int:
+    """Micro-batches each rank accumulates so that one optimizer step sees `global_batch_tokens` tokens."""
+    per_step = int(micro_batch_tokens or 0) * world_size
+    if per_step <= 0 or global_batch_tokens % per_step:
+        raise ValueError(f"global_batch_tokens {global_batch_tokens} is not a multiple of batch_size x block_size x "
+                         f"world size = {per_step}: change pretrain.global_batch_tokens or pretrain.batch_size")
+    return global_batch_tokens // per_step
+
+
+def prepare_model(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
+    """Activation checkpointing and `torch.compile` as configured (`strategy.activation_checkpointing`,
+    `trainer.compile`). `nn.Module.compile` compiles in place, so state_dict keys stay unchanged."""
+    from pipeline.model import GPT
+    for gpt in (m for m in model.modules() if isinstance(m, GPT)):
+        gpt.activation_checkpointing = bool(cfg.strategy.get("activation_checkpointing", False))
+    compile_cfg = cfg.trainer.get("compile") or False
+    if compile_cfg and cfg.strategy.name != "fsdp2":  # fsdp2 compiles each block after sharding it
+        model.compile(mode=cfg.trainer.get("compile_mode"))
+    return model
+
+
+def gathered_weights(trainer: L.Trainer, module: L.LightningModule, attr: str) -> dict[str, torch.Tensor] | None:
+    """The full, unsharded state dict of `module.<attr>` on global rank 0 (None on other ranks).
+
+    Under FSDP/FSDP2/ZeRO-3 the parameters are sharded across ranks, so this is a collective call:
+    every rank must make it.
+    """
+    state = trainer.strategy.lightning_module_state_dict()
+    if not trainer.is_global_zero:
+        return None
+    prefix = f"{attr}."
+    return {k[len(prefix):]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)}
+
+
+def save_trained_gpt(trainer: L.Trainer, module: L.LightningModule, name: str, cfg: DictConfig, tok, **meta) -> None:
+    """Save `module.model` (a GPT) as checkpoint `name`: gathered from every rank, written by rank 0 only."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.context import checkpoint_meta
+    from pipeline.model import GPT
+
+    weights = gathered_weights(trainer, module, "model")
+    if trainer.is_global_zero:
+        model = GPT(module.model.config)
+        model.load_state_dict(weights)
+        save_checkpoint(name, model, checkpoint_meta(cfg, tok, model, "gpt", **meta))
 
 
 def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: DictConfig, stage: str,
@@ -134,6 +212,10 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: DictC
     """
     curves = CurveRecorder(stage)
     trainer = build_trainer(cfg, stage, callbacks=[curves], **trainer_kwargs)
+    if cfg.strategy.name == "fsdp2" and not trainer_kwargs.get("single_device"):
+        module.fsdp2 = {"compile": bool(cfg.trainer.get("compile")), "compile_mode": cfg.trainer.get("compile_mode"),
+                        "reshard_after_forward": bool(cfg.strategy.get("reshard_after_forward", True))}
+    module.peak_tflops = cfg.trainer.get("peak_tflops")
     final: dict[str, float] = {}
     status = "failed"
     try:

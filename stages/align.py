@@ -40,7 +40,8 @@ def _ppo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
     critic = load_reward_model(policy.config, tok.sha256).drop_likelihood_term()
     module = PPO(policy.train(), reference, critic.train(), reward_model, tok, a, cfg.seed)
     data = PromptData(DATA_DIR, a.rollout_batch, a.steps + a.critic_warmup, cfg.seed)
-    _, curves, _ = fit(module, data, cfg, "align", validate=False, max_epochs=1, log_every=1)
+    _, curves, _ = fit(module, data, cfg, "align", validate=False, max_epochs=1, log_every=1,
+                      single_device=True)
     return {"iterations": a.steps, **_first_last(curves.train, (
         "objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
         "objective/response_length", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/value_avg"))}
@@ -57,7 +58,7 @@ def _dpo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
     data = PreferenceData(DATA_DIR, tok, policy.config.block_size, a.batch_size, cfg.seed, a.val_fraction, extra)
     module = DPO(policy.train(), reference, a)
     _, curves, final = fit(module, data, cfg, "align", max_steps=a.steps, val_every=a.val_every,
-                           val_batches=a.val_batches, grad_clip=a.grad_clip)
+                           val_batches=a.val_batches, grad_clip=a.grad_clip, single_device=True)
     return {"on_policy_pairs": len(extra), "held_out_pairs": len(data.val_rows),
             **{k.removeprefix("val/"): v for k, v in final.items() if k.startswith("val/")},
             **_first_last(curves.train, ("train/loss", "train/rewards/margins", "train/rewards/accuracies"))}
@@ -69,7 +70,8 @@ def _grpo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
     a = cfg.align
     module = GRPO(policy.train(), reference, tok, a, cfg.seed)
     data = PromptData(DATA_DIR, a.rollout_batch, a.steps, cfg.seed)
-    _, curves, _ = fit(module, data, cfg, "align", validate=False, max_epochs=1, log_every=1)
+    _, curves, _ = fit(module, data, cfg, "align", validate=False, max_epochs=1, log_every=1,
+                      single_device=True)
     return {"iterations": a.steps, **_first_last(curves.train, (
         "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio", "entropy", "completions/mean_length"))}
 

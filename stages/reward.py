@@ -47,7 +47,7 @@ def run(cfg: DictConfig) -> dict:
     data = PreferenceData(DATA_DIR, tok, backbone.config.block_size, r.batch_size, cfg.seed, r.val_fraction, extra)
     module = RewardModeling(model, r.optim, r.max_steps)
     _, curves, final = fit(module, data, cfg, "reward", max_steps=r.max_steps, val_every=r.val_every,
-                           val_batches=r.val_batches, grad_clip=r.grad_clip)
+                           val_batches=r.val_batches, grad_clip=r.grad_clip, single_device=True)
     metrics = {"margin": final["val/margin"],
                "mean_reward": final["val/mean_reward"], "val_loss": final["val/loss"],
                "train_loss": curves.train[-1]["train/loss"], "held_out_pairs": len(data.val_rows),

@@ -6,13 +6,13 @@ import math
 import lightning as L
 from omegaconf import DictConfig
 
-from pipeline.checkpoint import load_gpt, save_checkpoint
-from pipeline.context import DATA_DIR, checkpoint_meta, load_tokenizer, mean_of
+from pipeline.checkpoint import load_gpt
+from pipeline.context import DATA_DIR, load_tokenizer, mean_of
 from pipeline.data.datamodules import ChatData
 from pipeline.objectives.base import validate_optim
 from pipeline.objectives.sft import SupervisedFinetuning
 from pipeline.runner import main
-from pipeline.train import fit
+from pipeline.train import fit, prepare_model, save_trained_gpt
 
 
 def finetune(cfg: DictConfig, start: str, out: str, steps: int, optim: DictConfig | None = None, **meta) -> dict:
@@ -25,13 +25,13 @@ def finetune(cfg: DictConfig, start: str, out: str, steps: int, optim: DictConfi
     model, _ = load_gpt(start, tok.sha256)
     L.seed_everything(cfg.seed, verbose=False)
     data = ChatData(DATA_DIR, tok, model.config.block_size, s.batch_size, cfg.seed)
-    module = SupervisedFinetuning(model.train(), optim, steps)
-    _, curves, final = fit(module, data, cfg, out, max_steps=steps, val_every=min(s.val_every, steps),
-                           val_batches=s.val_batches, grad_clip=s.grad_clip)
+    module = SupervisedFinetuning(prepare_model(model.train(), cfg), optim, steps)
+    trainer, curves, final = fit(module, data, cfg, out, max_steps=steps, val_every=min(s.val_every, steps),
+                                 val_batches=s.val_batches, grad_clip=s.grad_clip)
     metrics = {"val_loss": final["val/loss"], "val_ppl": math.exp(final["val/loss"]),
                "train_loss": curves.train[-1]["train/loss"], "first_train_loss": curves.train[0]["train/loss"],
                "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec")}
-    save_checkpoint(out, model, checkpoint_meta(cfg, tok, model, "gpt", step=steps, metrics=metrics, **meta))
+    save_trained_gpt(trainer, module, out, cfg, tok, step=steps, metrics=metrics, **meta)
     return metrics
 
 

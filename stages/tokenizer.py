@@ -1,11 +1,14 @@
-"""Stage `tokenizer`: train the byte-level BPE with chat special tokens on the pretraining text."""
+"""Stage `tokenizer`: train the byte-level BPE with chat special tokens on the pretraining text, then
+tokenize that text into flat shards (`data/tokens`) that pretraining memory-maps."""
 from __future__ import annotations
+
+import time
 
 from omegaconf import DictConfig
 
 from pipeline.checkpoint import TOKENIZER_FILE
 from pipeline.context import DATA_DIR
-from pipeline.data.prepare import load_split
+from pipeline.data.shards import TOKENS_DIR, TRAIN_DOCS, CorpusConfig, head_texts, open_corpus, write_tokens
 from pipeline.data.tokenizer import ChatTokenizer, file_sha256, train_bpe
 from pipeline.io import atomic_dir
 from pipeline.runner import main
@@ -13,15 +16,26 @@ from pipeline.runner import main
 
 def run(cfg: DictConfig) -> dict:
     t = cfg.tokenizer
-    texts = [r["text"] for r in load_split(DATA_DIR, "pretrain")]
-    tok = train_bpe(texts, int(t.vocab_size), list(t.special_tokens))
+    corpus = CorpusConfig.from_cfg(cfg.data.get("corpus"))
+    train_docs = t.get("train_docs") or TRAIN_DOCS
+    if isinstance(train_docs, bool) or not isinstance(train_docs, int) or train_docs < 1:
+        raise ValueError(f"tokenizer.train_docs ({train_docs!r}) must be a positive integer, e.g. {TRAIN_DOCS}")
+    splits = open_corpus(corpus, DATA_DIR)
+    bpe = train_bpe(head_texts(splits["pretrain"], corpus.text_field, train_docs), int(t.vocab_size),
+                    list(t.special_tokens))
     with atomic_dir(TOKENIZER_FILE.parent) as tmp:
-        tok.save(str(tmp / TOKENIZER_FILE.name))
-    chat = ChatTokenizer.load(TOKENIZER_FILE, list(t.special_tokens))
-    val = [r["text"] for r in load_split(DATA_DIR, "pretrain_val")]
-    n_tokens = sum(len(ids) for ids in chat.encode_batch(val))
-    return {"vocab_size": chat.vocab_size, "chars_per_token": round(sum(map(len, val)) / max(n_tokens, 1), 4),
-            "sha256": file_sha256(TOKENIZER_FILE)[:16]}
+        bpe.save(str(tmp / TOKENIZER_FILE.name))
+    tok = ChatTokenizer.load(TOKENIZER_FILE, list(t.special_tokens))
+    start = time.perf_counter()
+    meta = write_tokens(splits, tok, TOKENS_DIR, corpus)
+    seconds = time.perf_counter() - start
+    val = meta["pretrain_val"]
+    return {"vocab_size": tok.vocab_size,
+            "chars_per_token": round(val["n_chars"] / max(val["n_tokens"] - val["n_docs"], 1), 4),  # <|bos|> aside
+            "sha256": file_sha256(TOKENIZER_FILE)[:16],
+            "tokens_per_sec": round(sum(m["n_tokens"] for m in meta.values()) / seconds, 1),
+            **{f"n_tokens_{split}": m["n_tokens"] for split, m in meta.items()},
+            "val_tokens_per_byte": round(val["n_tokens"] / max(val["n_bytes"], 1), 4)}
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose_micro, venv_env
@@ -23,18 +22,6 @@ def staged_dir(chain: Path, dest: Path) -> Path:
     shutil.copytree(chain / "data", dest / "data")
     shutil.copytree(chain / "artifacts" / "tokenizer", dest / "artifacts" / "tokenizer")
     return dest
-
-
-def test_hydra_multirun_runs_one_job_per_value(micro_chain, tmp_path):
-    work = staged_dir(micro_chain, tmp_path)
-    proc = run(["-m", "pipeline", "-m", "stage=pretrain", "experiment=micro", "model.n_layer=1,2",
-                "pretrain.max_steps=3"], work)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    jobs = sorted(p for p in (work / "multirun").glob("*/*") if p.is_dir())
-    assert len(jobs) == 2
-    layers = sorted(yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text()) for j in jobs)
-    assert ["model.n_layer=1" in o for o in layers[0]] and any("model.n_layer=2" in o for o in layers[1])
-    assert (work / "artifacts" / "pretrain" / "model.safetensors").is_file()
 
 
 def test_stage_without_a_choice_explains_itself(tmp_path):

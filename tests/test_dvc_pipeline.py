@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -80,27 +81,41 @@ def test_second_repro_is_up_to_date(micro_repo):
     assert "up to date" in out
 
 
-@pytest.mark.slow
-def test_exp_run_with_a_changed_sft_param_reruns_only_sft_and_after(micro_repo):
-    out = dvc(micro_repo, "exp", "run", "-S", "sft.max_steps=4")
-    ran = {s for s in ALL_STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"sft", "reward", "align", "sft_control", "evaluate", "report"}, out[-2000:]
-    params = yaml.safe_load((micro_repo / "params.yaml").read_text())
-    assert params["sft"]["max_steps"] == 4  # DVC's Hydra integration recomposed conf/ with the override
-    assert json.loads((micro_repo / "metrics" / "sft.json").read_text())["wall_time_s"] >= 0
+def exp_show(repo: Path) -> dict[str, dict]:
+    """{experiment name: its `data` entry (params, metrics)} from `dvc exp show --json`."""
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=venv_env(), capture_output=True,
+                                      text=True, timeout=120, check=True).stdout)
+    return {exp["name"]: exp["revs"][0]["data"] for baseline in shown for exp in (baseline.get("experiments") or [])
+            if exp.get("name")}
 
 
 @pytest.mark.slow
-def test_exp_run_switches_the_alignment_method(micro_repo):
-    out = dvc(micro_repo, "exp", "run", "-S", "align=dpo", "-n", "micro-dpo")
-    ran = {s for s in ALL_STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"align", "sft_control", "evaluate", "report"}, out[-2000:]  # SFT and the reward model are reused
-    align = json.loads((micro_repo / "metrics" / "align.json").read_text())
+def test_queued_experiments_rerun_only_what_their_change_touches(micro_repo):
+    """`dvc exp run --queue` of two points, run by `dvc queue start`: an SFT parameter reruns SFT and
+    everything after it; switching the alignment method (a Hydra group, `-S align=dpo`) reruns only
+    align and after, reusing SFT and the reward model. Unchanged stages come from DVC's run cache."""
+    points = {"q-sft": "sft.max_steps=4", "q-dpo": "align=dpo"}
+    for name, override in points.items():
+        dvc(micro_repo, "exp", "run", "--queue", "-S", override, "-n", name)
+    dvc(micro_repo, "queue", "start", "-j", "1")
+    deadline = time.time() + 480
+    while time.time() < deadline:
+        status = dvc(micro_repo, "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status + dvc(micro_repo, "queue", "logs", "q-sft")
+    ran = {name: {s for s in ALL_STAGES if f"Running stage '{s}'" in dvc(micro_repo, "queue", "logs", name)}
+           for name in points}
+    assert ran["q-sft"] == {"sft", "reward", "align", "sft_control", "evaluate", "report"}, ran
+    assert ran["q-dpo"] == {"align", "sft_control", "evaluate", "report"}, ran
+    exps = exp_show(micro_repo)
+    assert set(points) <= set(exps), sorted(exps)
+    # DVC's Hydra integration recomposed conf/ with each override into the experiment's params.yaml
+    assert exps["q-sft"]["params"]["params.yaml"]["data"]["sft"]["max_steps"] == 4
+    assert exps["q-dpo"]["params"]["params.yaml"]["data"]["align"]["method"] == "dpo"
+    metrics = {f: v["data"] for f, v in exps["q-dpo"]["metrics"].items()}
+    align, control = metrics["metrics/align.json"], metrics["metrics/sft_control.json"]
     assert align["method"] == "dpo" and "rewards/accuracies" in align
-    verdict = json.loads((micro_repo / "metrics" / "evaluate.json").read_text())["verdict"]
-    assert verdict["method"] == "dpo"
-    control = json.loads((micro_repo / "metrics" / "sft_control.json").read_text())
+    assert metrics["metrics/evaluate.json"]["verdict"]["method"] == "dpo"
     assert control["matches"] == "dpo" and control["steps"] == align["policy_updates"]
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=micro_repo, env=venv_env(), capture_output=True,
-                           text=True, timeout=120)
-    assert shown.returncode == 0 and "micro-dpo" in shown.stdout

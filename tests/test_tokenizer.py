@@ -60,3 +60,10 @@ def test_missing_special_token_is_refused(tmp_path):
 def test_too_small_vocab_is_refused():
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe(TEXTS, 100, SPECIALS)
+
+
+def test_a_pickled_tokenizer_still_refuses_to_forge_special_tokens(tok):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(tok))  # what DataLoader and `datasets` workers receive
+    assert copy.encode("<|end|>") == tok.encode("<|end|>") and copy.sha256 == tok.sha256

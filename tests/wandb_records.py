@@ -6,6 +6,7 @@ header: CRC, length, type FULL/FIRST/MIDDLE/LAST) and parses each payload as `wa
 """
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -45,13 +46,20 @@ def read_records(path: str | Path) -> list[pb.Record]:
 
 
 def run_info(run_dir: str | Path) -> dict:
-    """group, job_type, run id and the history keys of one offline run directory."""
+    """group, job_type, run id, config, history keys and the last logged value of each key, of one
+    offline run directory."""
     (path,) = Path(run_dir).glob("run-*.wandb")
-    info: dict = {"history_keys": set()}
+    info: dict = {"history_keys": set(), "config": {}, "last": {}}
     for rec in read_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             info.update(group=rec.run.run_group, job_type=rec.run.job_type, run_id=rec.run.run_id)
+            info["config"].update({item.key: json.loads(item.value_json) for item in rec.run.config.update})
+        elif kind == "config":
+            info["config"].update({item.key: json.loads(item.value_json) for item in rec.config.update})
         elif kind == "history":
-            info["history_keys"].update(item.key or "/".join(item.nested_key) for item in rec.history.item)
+            for item in rec.history.item:
+                key = item.key or "/".join(item.nested_key)
+                info["history_keys"].add(key)
+                info["last"][key] = json.loads(item.value_json)
     return info

@@ -1,2 +1,3 @@
-"""Synthetic data for the pipeline: the invented world (`world`), task families, eval partition
-and checker (`tasks`), and the stage that writes every split (`prepare`)."""
+"""Data for the pipeline: the invented world (`world`), task families, eval partition and checker
+(`tasks`), the stage that writes every split (`prepare`), the BPE (`tokenizer`), pretraining token
+shards on disk (`shards`) and the LightningDataModules (`datamodules`)."""

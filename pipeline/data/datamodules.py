@@ -1,7 +1,8 @@
 """LightningDataModules that turn prepared splits into token batches for each objective.
 
-- PretrainData: documents joined into one token stream (each opened by <|bos|>); training draws
-  random windows of block_size + 1 tokens forever (the step budget ends training), validation reads
+- PretrainData: the token shards of the tokenizer stage (documents joined into one stream, each
+  opened by <|bos|>), memory-mapped; training draws random windows of block_size + 1 tokens forever
+  (the step budget ends training), the same global batch on any number of ranks; validation reads
   fixed consecutive windows of the held-out documents.
 - ChatData: SFT conversations → (input_ids, labels) right-padded; loss only on answers.
 - PreferenceData: (chosen, rejected) sequences for the reward model, stacked chosen-first.
@@ -9,6 +10,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -18,63 +20,95 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from pipeline.data.prepare import load_split
+from pipeline.data.shards import TOKENS_DIR, TokenShards
 from pipeline.data.tokenizer import IGNORE_INDEX, ChatTokenizer
 
 
-def token_stream(tok: ChatTokenizer, texts: list[str]) -> torch.Tensor:
-    ids: list[int] = []
-    for doc in tok.encode_batch(texts):
-        ids.append(tok.bos_id)
-        ids.extend(doc)
-    return torch.tensor(ids, dtype=torch.long)
-
-
 class RandomWindows(IterableDataset):
-    def __init__(self, stream: torch.Tensor, block_size: int, seed: int) -> None:
-        self.stream, self.block_size, self.seed = stream, block_size, seed
+    """Endless random training windows of block_size + 1 tokens.
+
+    The generator is seeded by `seed` alone and draws `batch_size * world_size` starts per step;
+    rank r keeps items [r * batch_size, (r + 1) * batch_size). So the global batch is the same
+    whatever the number of data-parallel ranks: one process with batch 8 trains on the windows
+    that two ranks with batch 4 share. DataLoader worker w of W yields steps w, w + W, ..., which
+    the loader hands back in step order.
+    """
+
+    def __init__(self, tokens: TokenShards, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        g = torch.Generator().manual_seed(self.seed + 1000 * rank + (info.id if info else 0))
-        hi = len(self.stream) - self.block_size - 1
-        while True:
-            i = int(torch.randint(0, hi + 1, (1,), generator=g))
-            w = self.stream[i:i + self.block_size + 1]
-            yield {"input_ids": w[:-1], "labels": w[1:]}
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        g = torch.Generator().manual_seed(self.seed)
+        hi = len(self.tokens) - self.block_size - 1
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for step in itertools.count():
+            starts = torch.randint(0, hi + 1, (self.batch_size * self.world_size,), generator=g)
+            if step % n_workers != worker:
+                continue
+            for i in starts[mine].tolist():
+                w = torch.from_numpy(self.tokens.window(i, self.block_size + 1))
+                yield {"input_ids": w[:-1], "labels": w[1:]}
 
 
 class FixedWindows(Dataset):
-    def __init__(self, stream: torch.Tensor, block_size: int) -> None:
-        self.stream, self.block_size = stream, block_size
-        self.n = max(0, (len(stream) - 1) // block_size)
+    """Consecutive windows from the start of the stream: the same validation tokens every time."""
+
+    def __init__(self, tokens: TokenShards, block_size: int) -> None:
+        self.tokens, self.block_size = tokens, block_size
+        self.n = max(0, (len(tokens) - 1) // block_size)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        w = self.stream[i * self.block_size:(i + 1) * self.block_size + 1]
+        w = torch.from_numpy(self.tokens.window(i * self.block_size, self.block_size + 1))
         return {"input_ids": w[:-1], "labels": w[1:]}
 
 
+def data_parallel() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class PretrainData(L.LightningDataModule):
-    def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int) -> None:
+    """Token windows memory-mapped from the shards the tokenizer stage wrote (`data/tokens`).
+
+    `data_dir` is no longer read (the text was tokenized upstream); it stays so callers keep working.
+    After `setup`, `val_tokens_per_byte` converts validation loss to bits per byte.
+    """
+
+    def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
+                 tokens_dir: Path = TOKENS_DIR, num_workers: int = 0) -> None:
         super().__init__()
         self.data_dir, self.tok, self.block_size, self.batch_size, self.seed = data_dir, tok, block_size, batch_size, seed
+        self.tokens_dir, self.num_workers = Path(tokens_dir), num_workers
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_stream = token_stream(self.tok, [r["text"] for r in load_split(self.data_dir, "pretrain")])
-        self.val_stream = token_stream(self.tok, [r["text"] for r in load_split(self.data_dir, "pretrain_val")])
-        for name, s in (("pretrain", self.train_stream), ("pretrain_val", self.val_stream)):
-            if len(s) <= self.block_size + 1:
-                raise ValueError(f"split {name!r} has {len(s)} tokens, fewer than model.block_size + 2: "
+        self.train_tokens = TokenShards(self.tokens_dir, "pretrain")
+        self.val_tokens = TokenShards(self.tokens_dir, "pretrain_val")
+        for name, t in (("pretrain", self.train_tokens), ("pretrain_val", self.val_tokens)):
+            if self.tok.sha256 and t.meta["tokenizer_sha256"] != self.tok.sha256:
+                raise ValueError(f"{self.tokens_dir}/{name}.json was written by another tokenizer: "
+                                 "rerun the tokenizer stage (dvc repro tokenizer)")
+            if len(t) <= self.block_size + 1:
+                raise ValueError(f"split {name!r} has {len(t)} tokens, fewer than model.block_size + 2: "
                                  "raise data.sizes or lower model.block_size")
+        self.val_tokens_per_byte: float = self.val_tokens.tokens_per_byte
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(RandomWindows(self.train_stream, self.block_size, self.seed), batch_size=self.batch_size)
+        rank, world = data_parallel()
+        windows = RandomWindows(self.train_tokens, self.block_size, self.batch_size, self.seed, rank, world)
+        return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(FixedWindows(self.val_stream, self.block_size), batch_size=self.batch_size)
+        return DataLoader(FixedWindows(self.val_tokens, self.block_size), batch_size=self.batch_size,
+                          num_workers=self.num_workers)
 
 
 def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:

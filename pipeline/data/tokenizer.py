@@ -64,6 +64,11 @@ class ChatTokenizer:
         self.user_id, self.assistant_id, self.end_id = ids["user"], ids["assistant"], ids["end"]
         self.special_ids = frozenset(ids.values())
 
+    def __setstate__(self, state: dict) -> None:
+        # a pickled `Tokenizer` (DataLoader or `datasets` workers) forgets encode_special_tokens
+        self.__dict__.update(state)
+        self.tok.encode_special_tokens = True
+
     @classmethod
     def load(cls, path: str | Path, special_tokens: list[str]) -> "ChatTokenizer":
         path = Path(path)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from pipeline.model.kv_cache import KVCache
 
@@ -156,6 +157,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf, 2017)
+        self.activation_checkpointing = False  # recompute each block's activations in backward (saves memory)
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so depth doesn't blow up the stream
         for name, p in self.named_parameters():
@@ -176,6 +178,17 @@ class GPT(nn.Module):
         if non_embedding and self.config.pos_encoding == "learned":
             n -= self.wpe.weight.numel()
         return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N for the matmuls plus 12·L·d·T for attention.
+
+        N counts non-embedding parameters plus the tied LM head (its matmul runs every token);
+        the attention term is QKᵀ and the weighted sum of V over a context of T tokens (PaLM, app. B).
+        """
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        n = self.num_params() - self.wte.weight.numel() + cfg.vocab_size * cfg.n_embd
+        return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * T
 
     def position_embedding(self, position_ids: torch.Tensor) -> torch.Tensor:
         if self.config.pos_encoding == "learned":
@@ -212,7 +225,10 @@ class GPT(nn.Module):
             attn_mask = attn_mask | (k_pos[None, :] == q_pos[:, None])[None, None]
         x = self.drop(self.wte(idx) + self.position_embedding(position_ids))
         for block in self.h:
-            x = block(x, attn_mask, kv_cache)
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, None, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(valid)
         return self.ln_f(x)

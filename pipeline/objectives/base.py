@@ -40,13 +40,20 @@ def validate_optim(optim: DictConfig, where: str) -> None:
 
 
 class Objective(L.LightningModule):
-    """Base: optimizer + schedule from an `optim` config subtree, and a tokens/s meter."""
+    """Base: optimizer + schedule from an `optim` config subtree, throughput and MFU, FSDP2 sharding."""
+
+    flops_per_token: float | None = None
+    """Training FLOPs per token of the model being trained; subclasses that know it set it (for MFU)."""
 
     def __init__(self, optim: DictConfig, max_steps: int) -> None:
         super().__init__()
         self.optim_cfg = optim
         self.max_steps = max_steps
+        self.peak_tflops: float | None = None  # trainer.peak_tflops, set by pipeline.train.fit
+        self.fsdp2: dict | None = None          # sharding options when strategy=fsdp2, set by fit
         self._last_time: float | None = None
+        self._tokens: int | torch.Tensor = 0
+        self._peak: float | None = None
 
     def configure_optimizers(self):
         o = self.optim_cfg
@@ -55,9 +62,45 @@ class Objective(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, self.max_steps, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def log_throughput(self, n_tokens: int) -> None:
-        """Log train/tokens_per_sec measured between consecutive training steps."""
+    def configure_model(self) -> None:
+        """Under strategy=fsdp2 (Lightning's ModelParallelStrategy): shard every transformer block, then
+        each GPT, then this module, over the data-parallel mesh (FSDP2 `fully_shard`)."""
+        if not self.fsdp2 or self.device_mesh is None or self.fsdp2.get("applied"):
+            return  # Lightning calls this hook again for trainer.validate after fit
+        from torch.distributed.fsdp import fully_shard
+
+        from pipeline.model import GPT
+        mesh = self.device_mesh["data_parallel"]
+        reshard = self.fsdp2["reshard_after_forward"]
+        for gpt in [m for m in self.modules() if isinstance(m, GPT)]:
+            for block in gpt.h:
+                if self.fsdp2["compile"]:
+                    block.compile(mode=self.fsdp2["compile_mode"])
+                fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(gpt, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(self, mesh=mesh, reshard_after_forward=reshard)
+        self.fsdp2["applied"] = True
+
+    def on_fit_start(self) -> None:
+        from pipeline.hardware import peak_flops
+        self._peak = peak_flops(self.device, str(self.trainer.precision), self.peak_tflops)
+
+    def log_throughput(self, n_tokens: int | torch.Tensor, batch_idx: int) -> None:
+        """Count this step's tokens; on logging steps (every trainer.log_every_n_steps) log the learning
+        rate, train/tokens_per_sec (all ranks together) and train/mfu averaged since the last log.
+
+        `n_tokens` may be a device tensor: it is summed on the device and read once per log, so
+        training does not wait for the GPU every step. MFU = model FLOPs per token x tokens/s per
+        device ÷ the device's peak FLOP/s (pipeline.hardware), logged where the peak is known.
+        """
+        self._tokens = self._tokens + n_tokens
+        if batch_idx != 0 and (batch_idx + 1) % max(1, self.trainer.log_every_n_steps):
+            return
         now = time.perf_counter()
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         if self._last_time is not None:
-            self.log("train/tokens_per_sec", n_tokens / max(now - self._last_time, 1e-9), prog_bar=False)
-        self._last_time = now
+            per_device = float(self._tokens) / max(now - self._last_time, 1e-9)
+            self.log("train/tokens_per_sec", per_device * self.trainer.world_size)
+            if self._peak and self.flops_per_token:
+                self.log("train/mfu", self.flops_per_token * per_device / self._peak)
+        self._last_time, self._tokens = now, 0

@@ -83,7 +83,7 @@ class DPO(Objective):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.log_throughput(int(batch["input_ids"].numel()))
+        self.log_throughput(batch["input_ids"].numel(), batch_idx)
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

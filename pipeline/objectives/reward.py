@@ -98,7 +98,7 @@ class RewardModeling(Objective):
         stats = self._stats(batch)
         for k, v in stats.items():
             self.log(f"train/{k}", v, prog_bar=k in ("loss", "accuracy"))
-        self.log_throughput(int(batch["input_ids"].numel()))
+        self.log_throughput(batch["input_ids"].numel(), batch_idx)
         return stats["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -1,0 +1,40 @@
+"""The training benchmarks run end to end in their smoke modes and print the JSON line they promise.
+
+Speed itself is never asserted (STYLE.md habit 12): only that each path trained and was timed.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, venv_env
+
+
+def last_json_line(*args: str, timeout: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", *args], check=False, cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout, env=venv_env(OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_step_quick_compares_both_paths():
+    result = last_json_line("benchmarks.train_step", "--quick", timeout=120)
+    for key in ("pipeline_tokens_per_sec", "plain_tokens_per_sec", "ratio", "rounds", "steps", "model", "batch"):
+        assert key in result
+    assert result["pipeline_tokens_per_sec"] > 0 and result["plain_tokens_per_sec"] > 0
+    assert result["ratio"] > 0 and result["rounds"] == 2
+    # same seed, same batches, same optimizer: both paths did the same work
+    assert abs(result["pipeline_last_loss"] - result["plain_last_loss"]) < 1e-3
+
+
+def test_gpu_pretrain_cpu_smoke_mode():
+    result = last_json_line("benchmarks.gpu_pretrain", "--device", "cpu", "--model", "micro", "--steps", "3",
+                            "--batch-sizes", "2", "--vocab", "512", "--strategies", "auto", "ddp", timeout=180)
+    runs = {(r["path"], r["strategy"]): r for r in result["runs"]}
+    assert set(runs) == {("pipeline", "auto"), ("pipeline", "ddp"), ("plain", "-")}
+    for r in runs.values():
+        assert r["tokens_per_sec"] > 0 and r["ms_per_iter"] > 0
+        assert r["mfu"] is None  # no peak FLOP/s is known for a CPU
+    assert result["precision"] == "32-true" and result["compile"] is False
+    assert result["ratios"]["2"] > 0
