@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import repo_copy, venv_env
 from wandb_records import run_info
