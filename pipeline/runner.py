@@ -40,9 +40,18 @@ def setup_environment(cfg: DictConfig) -> None:
 
 
 def global_rank() -> int:
-    """This process's rank under torchrun, SLURM or Lightning's launcher (0 when not distributed)."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-    return int(getattr(rank_zero_only, "rank", 0) or 0)
+    """This process's rank under torchrun, SLURM or Lightning's launcher (0 when not distributed).
+
+    Lightning's own record when a stage trained with it (its launcher sets no RANK); otherwise the
+    launcher's environment, without importing Lightning (~10 s) into stages that never use it.
+    """
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    if rank_zero is not None:
+        return int(getattr(rank_zero.rank_zero_only, "rank", 0) or 0)
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
 
 
 def stage_module(name: str):

@@ -184,7 +184,12 @@ def gathered_weights(trainer: L.Trainer, module: L.LightningModule, attr: str) -
     Under FSDP/FSDP2/ZeRO-3 the parameters are sharded across ranks, so this is a collective call:
     every rank must make it.
     """
-    state = trainer.strategy.lightning_module_state_dict()
+    if getattr(trainer.strategy, "zero_stage_3", False):  # DeepSpeed ZeRO-3: gather the partitions first
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    else:
+        state = trainer.strategy.lightning_module_state_dict()
     if not trainer.is_global_zero:
         return None
     prefix = f"{attr}."
