@@ -90,10 +90,10 @@ def exp_show(repo: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_queued_experiments_rerun_only_what_their_change_touches(micro_repo):
-    """`dvc exp run --queue` of two points, run by `dvc queue start`: an SFT parameter reruns SFT and
-    everything after it; switching the alignment method (a Hydra group, `-S align=dpo`) reruns only
+    """`dvc exp run --queue` of two points, run by `dvc queue start`: an evaluation parameter reruns
+    only evaluate and report; switching the alignment method (a Hydra group, `-S align=dpo`) reruns
     align and after, reusing SFT and the reward model. Unchanged stages come from DVC's run cache."""
-    points = {"q-sft": "sft.max_steps=4", "q-dpo": "align=dpo"}
+    points = {"q-eval": "evaluate.max_problems=8", "q-dpo": "align=dpo"}
     for name, override in points.items():
         dvc(micro_repo, "exp", "run", "--queue", "-S", override, "-n", name)
     dvc(micro_repo, "queue", "start", "-j", "1")
@@ -102,16 +102,17 @@ def test_queued_experiments_rerun_only_what_their_change_touches(micro_repo):
         status = dvc(micro_repo, "queue", "status")
         if "Queued" not in status and "Running" not in status:
             break
-        time.sleep(3)
-    assert status.count("Success") == 2, status + dvc(micro_repo, "queue", "logs", "q-sft")
+        time.sleep(1)
+    assert status.count("Success") == 2, status + dvc(micro_repo, "queue", "logs", "q-dpo")
     ran = {name: {s for s in ALL_STAGES if f"Running stage '{s}'" in dvc(micro_repo, "queue", "logs", name)}
            for name in points}
-    assert ran["q-sft"] == {"sft", "reward", "align", "sft_control", "evaluate", "report"}, ran
+    assert ran["q-eval"] == {"evaluate", "report"}, ran
     assert ran["q-dpo"] == {"align", "sft_control", "evaluate", "report"}, ran
     exps = exp_show(micro_repo)
     assert set(points) <= set(exps), sorted(exps)
     # DVC's Hydra integration recomposed conf/ with each override into the experiment's params.yaml
-    assert exps["q-sft"]["params"]["params.yaml"]["data"]["sft"]["max_steps"] == 4
+    assert exps["q-eval"]["params"]["params.yaml"]["data"]["evaluate"]["max_problems"] == 8
+    assert exps["q-eval"]["metrics"]["metrics/evaluate.json"]["data"]["sft"]["exact_match"] is not None
     assert exps["q-dpo"]["params"]["params.yaml"]["data"]["align"]["method"] == "dpo"
     metrics = {f: v["data"] for f, v in exps["q-dpo"]["metrics"].items()}
     align, control = metrics["metrics/align.json"], metrics["metrics/sft_control.json"]
