@@ -172,8 +172,7 @@ def prepare_model(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
     from pipeline.model import GPT
     for gpt in (m for m in model.modules() if isinstance(m, GPT)):
         gpt.activation_checkpointing = bool(cfg.strategy.get("activation_checkpointing", False))
-    compile_cfg = cfg.trainer.get("compile") or False
-    if compile_cfg and cfg.strategy.name != "fsdp2":  # fsdp2 compiles each block after sharding it
+    if cfg.trainer.get("compile") and cfg.strategy.name != "fsdp2":  # fsdp2 compiles each block after sharding it
         model.compile(mode=cfg.trainer.get("compile_mode"))
     return model
 

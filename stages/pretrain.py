@@ -6,7 +6,7 @@ import math
 import lightning as L
 from omegaconf import DictConfig
 
-from pipeline.context import DATA_DIR, gpt_config, load_tokenizer, mean_of
+from pipeline.context import gpt_config, load_tokenizer, mean_of
 from pipeline.data.datamodules import PretrainData
 from pipeline.model import GPT
 from pipeline.objectives.base import validate_optim
@@ -22,7 +22,7 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, verbose=False)
     model = GPT(gpt_config(cfg, tok))
     block = model.config.block_size
-    data = PretrainData(DATA_DIR, tok, block, p.batch_size, cfg.seed)
+    data = PretrainData(tok, block, p.batch_size, cfg.seed)
     module = LanguageModeling(prepare_model(model, cfg), p.optim, p.max_steps)
     trainer, curves, final = fit(module, data, cfg, "pretrain", max_steps=p.max_steps, val_every=p.val_every,
                                  val_batches=p.val_batches, grad_clip=p.grad_clip, accumulate=p.accumulate,

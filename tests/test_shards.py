@@ -158,7 +158,7 @@ def test_the_global_batch_does_not_depend_on_ranks_or_workers(tmp_path, tok):
 
 def test_pretrain_data_reads_shards_and_reports_tokens_per_byte(tmp_path, tok):
     tokens, _ = shards_from_files(tmp_path, tok, shard_tokens=100)
-    data = PretrainData(tmp_path, tok, block_size=16, batch_size=4, seed=0, tokens_dir=tokens)
+    data = PretrainData(tok, block_size=16, batch_size=4, seed=0, tokens_dir=tokens)
     data.setup()
     val_ids, val_bytes = stream(tok, TEXTS[:4]), sum(len(t.encode("utf-8")) for t in TEXTS[:4])
     assert data.val_tokens_per_byte == pytest.approx(len(val_ids) / val_bytes)
@@ -166,12 +166,12 @@ def test_pretrain_data_reads_shards_and_reports_tokens_per_byte(tmp_path, tok):
     assert batch["input_ids"][1].tolist() == val_ids[16:32] and batch["labels"][0].tolist() == val_ids[1:17]
     assert next(iter(data.train_dataloader()))["input_ids"].shape == (4, 16)
     with pytest.raises(ValueError, match="fewer than model.block_size"):
-        PretrainData(tmp_path, tok, block_size=len(val_ids), batch_size=4, seed=0, tokens_dir=tokens).setup()
+        PretrainData(tok, block_size=len(val_ids), batch_size=4, seed=0, tokens_dir=tokens).setup()
     other = ChatTokenizer(tok.tok, SPECIALS, "f" * 64)
     with pytest.raises(ValueError, match="another tokenizer"):
-        PretrainData(tmp_path, other, block_size=16, batch_size=4, seed=0, tokens_dir=tokens).setup()
+        PretrainData(other, block_size=16, batch_size=4, seed=0, tokens_dir=tokens).setup()
     with pytest.raises(FileNotFoundError, match="tokenizer stage"):
-        PretrainData(tmp_path, tok, block_size=16, batch_size=4, seed=0, tokens_dir=tmp_path / "none").setup()
+        PretrainData(tok, block_size=16, batch_size=4, seed=0, tokens_dir=tmp_path / "none").setup()
 
 
 def test_holding_out_every_document_is_refused(tmp_path):

@@ -79,14 +79,13 @@ def data_parallel() -> tuple[int, int]:
 class PretrainData(L.LightningDataModule):
     """Token windows memory-mapped from the shards the tokenizer stage wrote (`data/tokens`).
 
-    `data_dir` is no longer read (the text was tokenized upstream); it stays so callers keep working.
     After `setup`, `val_tokens_per_byte` converts validation loss to bits per byte.
     """
 
-    def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
+    def __init__(self, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
                  tokens_dir: Path = TOKENS_DIR, num_workers: int = 0) -> None:
         super().__init__()
-        self.data_dir, self.tok, self.block_size, self.batch_size, self.seed = data_dir, tok, block_size, batch_size, seed
+        self.tok, self.block_size, self.batch_size, self.seed = tok, block_size, batch_size, seed
         self.tokens_dir, self.num_workers = Path(tokens_dir), num_workers
 
     def setup(self, stage: str | None = None) -> None:
