@@ -1,6 +1,6 @@
 """`gpt-pipeline`: talk to a trained checkpoint.
 
-    gpt-pipeline chat --stage aligned              # interactive; /reset, /temp 0.7, /topk 20, /topp 0.9, /quit
+    gpt-pipeline chat --stage aligned              # interactive; /reset, /temp 0.7, /topk 20, /topp 0.9, /rep 1.2, /quit
     gpt-pipeline generate --stage sft --prompt "What is 12 + 30?"
 
 Run from the project root (checkpoints and the tokenizer are read from `artifacts/`). Replies stream
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +24,10 @@ from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.inference.sampling import SamplingConfig, generate
 from pipeline.model import GPT
 
-HELP = "commands: /reset (forget the conversation), /temp T, /topk K, /topp P, /quit"
+# /command -> (SamplingConfig field, type, how the confirmation names it)
+SETTINGS = {"temp": ("temperature", float, "temperature"), "topk": ("top_k", int, "top-k"),
+            "topp": ("top_p", float, "top-p"), "rep": ("repetition_penalty", float, "repetition penalty")}
+HELP = "commands: /reset (forget the conversation), /temp T, /topk K, /topp P, /rep R (repetition penalty), /quit"
 
 
 class Chat:
@@ -71,31 +75,26 @@ class Chat:
     def command(self, line: str) -> str | None:
         """Apply a /command; return a message for the user, or None to quit."""
         name, _, arg = line[1:].partition(" ")
-        try:
-            if name in ("quit", "exit"):
-                return None
-            if name == "reset":
-                self.turns.clear()
-                return "(conversation cleared)"
-            if name == "temp":
-                self.sampling.temperature = float(arg)
-                return f"(temperature {self.sampling.temperature})"
-            if name == "topk":
-                self.sampling.top_k = int(arg)
-                return f"(top-k {self.sampling.top_k})"
-            if name == "topp":
-                self.sampling.top_p = float(arg)
-                return f"(top-p {self.sampling.top_p})"
+        if name in ("quit", "exit"):
+            return None
+        if name == "reset":
+            self.turns.clear()
+            return "(conversation cleared)"
+        if name not in SETTINGS:
+            return f"(unknown command /{name}; {HELP})"
+        field, kind, label = SETTINGS[name]
+        try:  # replace() re-validates, so /topp 0 or /temp -1 is refused rather than breaking sampling
+            self.sampling = replace(self.sampling, **{field: kind(arg)})
         except ValueError:
             return f"(bad value {arg!r} for /{name})"
-        return f"(unknown command /{name}; {HELP})"
+        return f"({label} {getattr(self.sampling, field)})"
 
 
 def _load(args: argparse.Namespace) -> tuple[GPT, ChatTokenizer, SamplingConfig]:
     cfg = load_params() if Path(PARAMS_FILE).is_file() else compose()  # the workspace's params, else conf/
     tok = load_tokenizer(cfg)
     model, _ = load_gpt(args.stage, tok.sha256)
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     return model.eval(), tok, sampling
 
 
@@ -109,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="0 = greedy")
         p.add_argument("--top-k", type=int, default=0)
         p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off; e.g. 1.2")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--seed", type=int, default=0)
         if name == "generate":

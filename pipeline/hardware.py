@@ -6,6 +6,8 @@ in the table gives no MFU unless `trainer.peak_tflops` names its peak.
 """
 from __future__ import annotations
 
+import platform
+
 import torch
 
 # name fragment (as torch.cuda.get_device_name reports it, lower case) -> {precision class: TFLOP/s}
@@ -27,6 +29,16 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
     return device.type
+
+
+def describe_device(device: torch.device | str, processes: int = 1) -> str:
+    """What a stage trained on, for the report: "cpu (x86_64, 2 threads)", "NVIDIA H200", "4 x NVIDIA H200"."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    else:
+        name = device_name(device)
+    return f"{processes} x {name}" if processes > 1 else name
 
 
 def peak_flops(device: torch.device | str, precision: str, override_tflops: float | None = None) -> float | None:

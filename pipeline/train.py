@@ -21,10 +21,12 @@ PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true",
 
 
 class CurveRecorder(Callback):
-    """Keeps every logged scalar, so a stage can write its curves as DVC plots.
+    """Keeps every logged scalar, so a stage can write its curves as DVC plots, and the run's totals.
 
     Rows are written to `metrics/curves/<stage>_train.json` and `<stage>_val.json` (lists of
-    {"step": n, metric: value}), which dvc.yaml declares as plots.
+    {"step": n, metric: value or null}), which dvc.yaml declares as plots. `totals` is {"device": what it
+    trained on, "tokens": the tokens of every training batch, all ranks together}, for the stage's
+    metrics and the report.
     """
 
     def __init__(self, stage: str) -> None:
@@ -32,6 +34,7 @@ class CurveRecorder(Callback):
         self.train: list[dict] = []
         self.val: list[dict] = []
         self.val_keys: set[str] = set()
+        self.totals: dict[str, str | int | None] = {}
 
     @staticmethod
     def _row(trainer: L.Trainer, keep) -> dict:
@@ -54,12 +57,24 @@ class CurveRecorder(Callback):
             if len(row) > 1 and (not self.val or self.val[-1]["step"] != row["step"]):
                 self.val.append(row)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        from pipeline.hardware import describe_device
+        counted = getattr(pl_module, "tokens_trained", None)  # set by pipeline.objectives.base.Objective
+        tokens = None
+        if counted is not None:
+            tokens = torch.as_tensor(counted, device=pl_module.device)
+            if trainer.world_size > 1:  # a collective: every rank reaches on_train_end
+                tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
+            tokens = int(tokens)
+        self.totals = {"device": describe_device(pl_module.device, trainer.world_size), "tokens": tokens}
+
     def write(self) -> None:
         CURVES_DIR.mkdir(parents=True, exist_ok=True)
         for split, rows in (("train", self.train), ("val", self.val)):
             path = CURVES_DIR / f"{self.stage}_{split}.json"
-            if rows:
-                path.write_text(json.dumps(rows) + "\n")
+            if rows:  # every row with every key (null where not logged): DVC plots only rows whose keys match
+                keys = list(dict.fromkeys(k for row in rows for k in row))
+                path.write_text(json.dumps([{k: row.get(k) for k in keys} for row in rows]) + "\n")
             else:  # a run that logged no such curve leaves none behind from an earlier run
                 path.unlink(missing_ok=True)
 

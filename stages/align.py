@@ -44,7 +44,7 @@ def _ppo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
                       single_device=True)
     return {"iterations": a.steps, **_first_last(curves.train, (
         "objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
-        "objective/response_length", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/value_avg"))}
+        "objective/response_length", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/value_avg")), **curves.totals}
 
 
 def _dpo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
@@ -61,7 +61,8 @@ def _dpo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
                            val_batches=a.val_batches, grad_clip=a.grad_clip, single_device=True)
     return {"on_policy_pairs": len(extra), "held_out_pairs": len(data.val_rows),
             **{k.removeprefix("val/"): v for k, v in final.items() if k.startswith("val/")},
-            **_first_last(curves.train, ("train/loss", "train/rewards/margins", "train/rewards/accuracies"))}
+            **_first_last(curves.train, ("train/loss", "train/rewards/margins", "train/rewards/accuracies")),
+            **curves.totals}
 
 
 def _grpo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
@@ -73,7 +74,8 @@ def _grpo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
     _, curves, _ = fit(module, data, cfg, "align", validate=False, max_epochs=1, log_every=1,
                       single_device=True)
     return {"iterations": a.steps, **_first_last(curves.train, (
-        "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio", "entropy", "completions/mean_length"))}
+        "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio", "entropy", "completions/mean_length")),
+        **curves.totals}
 
 
 TRAIN = {"ppo": _ppo, "dpo": _dpo, "grpo": _grpo}

@@ -10,10 +10,13 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+import json
+
 from pipeline.checkpoint import load_gpt
 from pipeline.context import DATA_DIR, load_tokenizer
-from pipeline.data.prepare import load_split
-from pipeline.evaluation.metrics import evaluate_checkpoint
+from pipeline.data.prepare import MANIFEST_FILE, load_split
+from pipeline.evaluation.metrics import PromptSet, evaluate_checkpoint
+from pipeline.inference.prompting import FewShotPool, PromptTemplates
 from pipeline.objectives.reward import load_reward_model
 from pipeline.runner import main
 
@@ -36,20 +39,36 @@ def verdict(results: dict[str, dict[str, float]], method: str, kl_bound: float) 
     }
 
 
-def run(cfg: DictConfig) -> dict:
+def prompt_sets(cfg: DictConfig, tok, block_size: int) -> tuple[PromptSet, PromptSet]:
+    """The eval and hard splits, each asked zero-shot, few-shot and step by step, as token prompts.
+
+    Few-shot exemplars come from the SFT split; the chain-of-thought trigger is the one the prepared
+    SFT data was written with (data/prepared/manifest.json), so evaluation asks the way training taught.
+    """
     e = cfg.evaluate
-    if e.max_problems <= 0 or e.batch_size <= 0 or e.max_new_tokens <= 0:
-        raise ValueError("evaluate.max_problems, batch_size and max_new_tokens must be positive")
-    tok = load_tokenizer(cfg)
+    trigger = json.loads((DATA_DIR / MANIFEST_FILE).read_text())["config"]["cot"]["trigger"]
+    templates = PromptTemplates.from_cfg(e.prompts, trigger)
     eval_rows = load_split(DATA_DIR, "eval")[: e.max_problems]
     hard_rows = load_split(DATA_DIR, "eval_hard")[: e.max_problems]
+    pool = FewShotPool(load_split(DATA_DIR, "sft"), {r["key"] for r in eval_rows + hard_rows}, cfg.seed)
+    room = block_size - e.max_new_tokens
+    return (PromptSet.build(tok, templates, pool, eval_rows, room),
+            PromptSet.build(tok, templates, pool, hard_rows, room))
+
+
+def run(cfg: DictConfig) -> dict:
+    e = cfg.evaluate
+    if min(e.max_problems, e.batch_size, e.max_new_tokens, e.cot_max_new_tokens) <= 0:
+        raise ValueError("evaluate.max_problems, batch_size, max_new_tokens and cot_max_new_tokens must be positive")
+    tok = load_tokenizer(cfg)
     sft, _ = load_gpt("sft", tok.sha256)
+    prompts, hard = prompt_sets(cfg, tok, sft.config.block_size)
     reward_model = load_reward_model(sft.config, tok.sha256).eval()
     results: dict[str, dict] = {}
     for name in CHECKPOINTS:
         model, _ = load_gpt(name, tok.sha256)
         torch.manual_seed(cfg.seed)
-        results[name] = evaluate_checkpoint(model, tok, eval_rows, hard_rows, reward_model, sft, e, cfg.seed)
+        results[name] = evaluate_checkpoint(model, tok, prompts, hard, reward_model, sft, e, cfg.seed)
         print(f"evaluate {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[name].items() if "/" not in k))
     results["verdict"] = verdict(results, cfg.align.method, cfg.align.kl_bound)
     print("evaluate verdict: " + ", ".join(f"{k}={v}" for k, v in results["verdict"].items()))

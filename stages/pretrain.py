@@ -33,7 +33,7 @@ def run(cfg: DictConfig) -> dict:
                "ln_vocab": math.log(tok.vocab_size), "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec"),
                "mfu": mean_of(curves.train, "train/mfu"), "global_batch_tokens": batch_tokens,
                "accumulate": trainer.accumulate_grad_batches, "world_size": trainer.world_size,
-               "tokens_seen": p.max_steps * batch_tokens, "n_params": model.num_params()}
+               "tokens_seen": p.max_steps * batch_tokens, "n_params": model.num_params(), **curves.totals}
     save_trained_gpt(trainer, module, "pretrain", cfg, tok, step=p.max_steps, metrics=metrics)
     return metrics
 

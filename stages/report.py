@@ -1,24 +1,19 @@
-"""Stage `report`: reports/report.md from every stage's metrics."""
+"""Stage `report`: reports/report.md, its figures (reports/figures/) and reports/accuracy.json from every
+stage's metrics and training curves."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.evaluation.report import render
+from pipeline.evaluation.report import write_report
 from pipeline.runner import METRICS_DIR, main
 
-REPORT = Path("reports/report.md")
+REPORTS_DIR = Path("reports")
 
 
 def run(cfg: DictConfig) -> dict:
-    text = render(cfg, METRICS_DIR)
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = REPORT.with_suffix(".md.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, REPORT)
-    return {"report_lines": text.count("\n") + 1}
+    return write_report(cfg, METRICS_DIR, REPORTS_DIR)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from collections import defaultdict
 import lightning as L
 import torch
 from omegaconf import DictConfig
+from rich.progress import track
 
 from pipeline.checkpoint import load_gpt, save_checkpoint
 from pipeline.context import DATA_DIR, checkpoint_meta, load_tokenizer
@@ -22,7 +23,7 @@ def accuracy_by_corruption(model: ScalarHead, data: PreferenceData) -> dict[str,
     """Held-out pairwise accuracy per corruption type (easy ones vs near misses)."""
     model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
-    for i in range(0, len(data.val_set), 128):
+    for i in track(range(0, len(data.val_set), 128), description="scoring held-out pairs", transient=True):
         batch = data.collate(data.val_set[i:i + 128])
         batch = {k: v.to(model.head.weight.device) for k, v in batch.items()}
         r = model(batch["input_ids"], batch["last"], response_mask=batch["response_mask"])
@@ -53,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
                "train_loss": curves.train[-1]["train/loss"], "held_out_pairs": len(data.val_rows),
                "on_policy_pairs": len(extra),
                "lm_scale": model.lm_scale.item() if model.likelihood_term else 0.0,
-               **accuracy_by_corruption(model, data)}
+               **accuracy_by_corruption(model, data), **curves.totals}
     save_checkpoint("reward", model, checkpoint_meta(cfg, tok, backbone, "reward", step=r.max_steps,
                                                    likelihood_term=bool(r.likelihood_term), metrics=metrics))
     return metrics

@@ -30,7 +30,7 @@ def finetune(cfg: DictConfig, start: str, out: str, steps: int, optim: DictConfi
                                  val_batches=s.val_batches, grad_clip=s.grad_clip)
     metrics = {"val_loss": final["val/loss"], "val_ppl": math.exp(final["val/loss"]),
                "train_loss": curves.train[-1]["train/loss"], "first_train_loss": curves.train[0]["train/loss"],
-               "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec")}
+               "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec"), **curves.totals}
     save_trained_gpt(trainer, module, out, cfg, tok, step=steps, metrics=metrics, **meta)
     return metrics
 

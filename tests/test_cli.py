@@ -75,6 +75,7 @@ def test_chat_cli_in_a_pseudo_terminal(micro_chain):
         os.write(master, b"What is 2 + 3?\r")
         _read_until(master, b"> ")  # the reply streamed, then the next prompt
         for command, answer in ((b"/temp 0.5", b"(temperature 0.5)"), (b"/topk x", b"bad value"),
+                                (b"/rep 1.3", b"(repetition penalty 1.3)"), (b"/topp 0", b"bad value"),
                                 (b"/reset", b"(conversation cleared)"), (b"/nope", b"unknown command")):
             os.write(master, command + b"\r")
             _read_until(master, answer)

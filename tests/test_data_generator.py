@@ -17,7 +17,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.data.prepare import SPLIT_FILES, load_split, prepare
-from pipeline.data.tasks import CORRUPTIONS, Problem, check, extract_answer, problem_key_in_eval
+from pipeline.data.tasks import (
+    CORRUPTIONS, FAMILIES, Problem, answer_for_key, check, extract_answer, final_answer, problem_key_in_eval,
+    worked_solution,
+)
 from pipeline.data.world import build_world
 
 EVAL_FRACTION = 0.2  # larger than the default so the leakage checks see many eval keys
@@ -33,6 +36,8 @@ def small_cfg(**overrides: object):
                   "rl_prompts": 100, "eval": 120, "eval_hard": 40},
         "string_len": {"min": 3, "max": 6},
         "demo_errors": {"rate": 0.3, "kinds": ["preamble", "carry_error"]},
+        "cot": {"fraction": 0.25, "trigger": "Think step by step."},
+        "multi_turn": {"fraction": 0.3, "max_turns": 3},
     }
     cfg = OmegaConf.create(base)
     for dotted, value in overrides.items():
@@ -199,7 +204,7 @@ def test_answers_are_correct(runs: dict[int, Path]) -> None:
             if expected is None:
                 entity, attr = rest.split(":")
                 expected = getattr(world.entity(entity), attr)
-                prompt = r["messages"][0]["content"] if split == "sft" else r["prompt"]
+                prompt = r["messages"][-2]["content"] if split == "sft" else r["prompt"]
                 assert world.entity(entity).name in prompt
             assert answer == expected, r
             assert " " not in answer and answer  # short answers only
@@ -207,11 +212,11 @@ def test_answers_are_correct(runs: dict[int, Path]) -> None:
         a, b = re.split(r"[+-]", r["key"].split(":")[1])
         assert len(a) == len(b) == 3 and r["family"] in ("add", "sub")
     for r in rows(run, "sft"):
-        nums = re.findall(r"\d+", r["messages"][0]["content"])
+        nums = re.findall(r"\d+", r["messages"][-2]["content"])
         if r["family"] in ("add", "sub"):
             assert nums == re.split(r"[+-]", r["key"].split(":")[1])
         elif r["family"] in ("reverse", "sort"):
-            assert r["key"].split(":")[1] in r["messages"][0]["content"]
+            assert r["key"].split(":")[1] in r["messages"][-2]["content"]
 
 
 def test_checker_basics() -> None:
@@ -283,6 +288,10 @@ def test_preference_corruptions_fail_the_checker(runs: dict[int, Path]) -> None:
         ({"demo_errors__rate": 0.5}, "data.demo_errors.rate"),
         ({"demo_errors__kinds": ["preamble", "typo"]}, "data.demo_errors.kinds"),
         ({"demo_errors__kinds": "preamble"}, "data.demo_errors.kinds"),
+        ({"cot__fraction": 1.5}, "data.cot.fraction"),
+        ({"cot__trigger": " "}, "data.cot.trigger"),
+        ({"multi_turn__fraction": -0.1}, "data.multi_turn.fraction"),
+        ({"multi_turn__max_turns": 1}, "data.multi_turn.max_turns"),
     ],
 )
 def test_bad_config_raises_and_writes_nothing(tmp_path: Path, overrides: dict, field: str) -> None:
@@ -294,13 +303,13 @@ def test_bad_config_raises_and_writes_nothing(tmp_path: Path, overrides: dict, f
 
 
 def test_demo_errors_are_plausible_wrong_replies_at_the_configured_rate(runs: dict[int, Path]) -> None:
-    sft = rows(runs[1], "sft")
+    sft = [r for r in rows(runs[1], "sft") if not r["cot"]]  # worked solutions are never given errors
     wrong = [r for r in sft if r["demo_error"] is not None]
     # every SFT family has `preamble`: the share is the configured 0.3, up to sampling noise
-    assert abs(len(wrong) / len(sft) - 0.3) < 0.06
+    assert abs(len(wrong) / len(sft) - 0.3) < 0.07
     assert {r["demo_error"] for r in wrong} == {"preamble", "carry_error"}
     for r in sft:
-        reply = r["messages"][1]["content"]
+        reply = r["messages"][-1]["content"]
         if r["demo_error"] is None:
             assert reply == r["answer"]
             continue
@@ -312,9 +321,41 @@ def test_demo_errors_are_plausible_wrong_replies_at_the_configured_rate(runs: di
 
 
 def test_zero_demo_error_rate_leaves_every_demonstration_correct(tmp_path: Path) -> None:
-    prepare(small_cfg(demo_errors__rate=0.0), tmp_path / "data", progress=False)
+    prepare(small_cfg(demo_errors__rate=0.0, cot__fraction=0.0), tmp_path / "data", progress=False)
     sft = rows(tmp_path / "data", "sft")
-    assert all(r["demo_error"] is None and r["messages"][1]["content"] == r["answer"] for r in sft)
+    assert all(r["demo_error"] is None and r["messages"][-1]["content"] == r["answer"] for r in sft)
+    assert not any(r["cot"] for r in sft)
+
+
+def test_multi_turn_rows_precede_the_problem_with_correct_training_exchanges(runs: dict[int, Path]) -> None:
+    world = build_world(12, 7)
+    sft = rows(runs[1], "sft")
+    direct = [r for r in sft if not r["cot"]]
+    longer = [r for r in sft if r["turns"] > 1]
+    assert abs(len(longer) / len(direct) - 0.3) < 0.07 and not any(r["cot"] for r in longer)
+    assert {r["turns"] for r in longer} == {2, 3}
+    for r in longer:
+        messages = r["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * r["turns"]
+        assert len(r["earlier_keys"]) == r["turns"] - 1
+        for key, reply in zip(r["earlier_keys"], messages[1:-2:2]):
+            assert not in_eval(key) and reply["content"] == answer_for_key(key, world)
+    assert all(r["earlier_keys"] == [] for r in sft if r["turns"] == 1)
+
+
+def test_worked_solutions_ask_with_the_trigger_and_end_in_the_answer(runs: dict[int, Path]) -> None:
+    sft = rows(runs[1], "sft")
+    worked = [r for r in sft if r["cot"]]
+    assert abs(len(worked) / len(sft) - 0.25) < 0.07
+    assert {r["family"] for r in worked} == set(FAMILIES)
+    for r in sft:
+        prompt, reply = r["messages"][-2]["content"], r["messages"][-1]["content"]
+        assert prompt.endswith(" Think step by step.") == r["cot"]
+        if r["cot"]:
+            assert r["demo_error"] is None
+            assert final_answer(reply) == r["answer"]
+            assert r["family"] == "fact" or r["answer"] == expected_answer(r["key"])
+            assert reply.endswith(f"Answer: {r['answer']}") and not check(r["answer"], reply)  # the strict check wants the bare answer
 
 
 def test_missing_field_is_named(tmp_path: Path) -> None:
@@ -359,3 +400,36 @@ def test_rewrite_replaces_output_atomically(tmp_path: Path) -> None:
     assert metrics["sft_rows"] == 400 and metrics["eval_rows"] == len(load_split(out, "eval"))
     with pytest.raises(ValueError, match="unknown split"):
         load_split(out, "train")
+
+
+@pytest.mark.parametrize(("key", "steps"), [
+    ("add:47+38", "7+8=15, so 5 carry 1. 4+3+1=8, so 85. Answer: 85"),
+    ("add:95+7", "5+7=12, so 2 carry 1. 9+0+1=10, so 102. Answer: 102"),
+    ("sub:52-17", "12-7=5, so 5 borrow 1. 5-1-1=3, so 35. Answer: 35"),
+    ("sub:100-1", "10-1=9, so 9 borrow 1. 10-0-1=9, so 99 borrow 1. 1-0-1=0, so 99. Answer: 99"),
+    ("reverse:tavo", "Letters: t a v o. Backwards: o v a t. Answer: ovat"),
+    ("sort:tavo", "Letters: t a v o. Sorted: a o t v. Answer: aotv"),
+    ("count:a:banana", "Letters: b a n a n a. Count of a: 0 1 1 2 2 3. Answer: 3"),
+])
+def test_worked_solution_shows_each_column_and_letter(key: str, steps: str) -> None:
+    assert worked_solution(key, build_world(6, 7)) == steps
+
+
+def test_every_worked_arithmetic_solution_reaches_the_right_answer() -> None:
+    world = build_world(6, 7)
+    for a in range(0, 1000, 7):
+        for b in range(0, 1000, 11):
+            for key in (f"add:{a}+{b}", f"sub:{max(a, b)}-{min(a, b)}"):
+                assert final_answer(worked_solution(key, world)) == answer_for_key(key, world) == expected_answer(key)
+
+
+@pytest.mark.parametrize(("response", "answer"), [
+    ("7+8=15, so 5 carry 1. 4+3+1=8, so 85. Answer: 85", "85"),
+    ("Answer: 12.\nand then some rambling", "12"),           # closing period and later lines ignored
+    ("Answer: 3 ... no wait. Answer: 4", "4"),               # the last commitment counts
+    ("Letters: t a v o. Backwards: o v a t. Answer:", ""),  # cut off before the answer
+    ("85\nmore text", "85"),                                 # no marker: graded on the first line
+    ("", ""),
+])
+def test_final_answer_extraction_on_crafted_outputs(response: str, answer: str) -> None:
+    assert final_answer(response) == answer

@@ -1,9 +1,10 @@
 """The sampler: cache equals recompute, filters respect their sets, stops at the end token, seeded."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pipeline.inference.sampling import SamplingConfig, filter_logits, generate
+from pipeline.inference.sampling import SamplingConfig, filter_logits, generate, penalize_repetition
 from pipeline.model import GPT, GPTConfig
 
 
@@ -72,3 +73,46 @@ def test_on_step_streams_every_rows_tokens_as_they_are_sampled():
                    on_step=steps.append)
     assert len(steps) == 6 and all(len(s) == 2 for s in steps)
     assert [[s[i] for s in steps] for i in range(2)] == out
+
+
+def test_greedy_with_repetition_penalty_is_the_same_with_and_without_cache():
+    m = tiny_model()
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0.0, repetition_penalty=1.8)
+    assert generate(m, PROMPTS, cfg, stop_id=None, pad_id=0) == generate(m, PROMPTS, cfg, stop_id=None, pad_id=0,
+                                                                          use_cache=False)
+
+
+def test_repetition_penalty_lowers_every_seen_token_and_only_those():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = penalize_repetition(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, -3.0]]  # positive halved, negative doubled, unseen untouched
+    assert torch.equal(penalize_repetition(logits, seen, 1.0), logits)
+
+
+def test_a_strong_repetition_penalty_stops_greedy_loops():
+    m = tiny_model()
+    plain = generate(m, PROMPTS, SamplingConfig(max_new_tokens=30, temperature=0.0), stop_id=None, pad_id=0)
+    penalized = generate(m, PROMPTS, SamplingConfig(max_new_tokens=30, temperature=0.0, repetition_penalty=50.0),
+                         stop_id=None, pad_id=0)
+    repeats = lambda rows: sum(len(r) - len(set(r)) for r in rows)  # noqa: E731
+    assert repeats(plain) > 0  # a random model loops...
+    assert repeats(penalized) < repeats(plain)  # ...and the penalty breaks the loops
+
+
+def test_any_of_several_stop_tokens_ends_a_row():
+    m = tiny_model()
+    greedy = generate(m, PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0.0), stop_id=None, pad_id=0)
+    stops = {greedy[0][3], greedy[1][1]}
+    out = generate(m, PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0.0), stop_id=stops, pad_id=0)
+    for row, full in zip(out, greedy):
+        end = next((i + 1 for i, t in enumerate(full) if t in stops), len(full))
+        assert row == full[:end]
+    assert len(out[0]) <= 4 and len(out[1]) <= 2  # each stop token ended its row
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0),
+                                 dict(top_p=1.5), dict(repetition_penalty=0.0)])
+def test_bad_sampling_settings_are_refused_by_name(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingConfig(**bad)

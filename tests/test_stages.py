@@ -69,13 +69,21 @@ def test_sft_batches_put_loss_only_on_answers(in_chain):
     from conftest import compose_micro
 
     tok = load_tokenizer(compose_micro())
-    data = ChatData(DATA_DIR, tok, 64, 4, seed=0)
+    data = ChatData(DATA_DIR, tok, 128, 4, seed=0)
     data.setup()
-    batch = next(iter(data.train_dataloader()))
-    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-        first = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
-        assert ids[first] == tok.assistant_id  # the first supervised prediction follows <|assistant|>
-        assert tok.end_id in labels and tok.user_id not in [l for l in labels if l != IGNORE_INDEX]
+    batches = list(data.train_dataloader())
+    for batch in batches[:3]:
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+            first = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
+            assert ids[first] == tok.assistant_id  # the first supervised prediction follows <|assistant|>
+            assert tok.end_id in labels and tok.user_id not in [l for l in labels if l != IGNORE_INDEX]
+    # grouped by length: an epoch is every row once, and a batch pads far less than a random one would
+    lengths = sorted(len(ids) for ids, _ in data.train_set)
+    assert sum(b["input_ids"].size(0) for b in batches) == len(data.train_set) // 4 * 4
+    padding = sum(int((b["input_ids"] == tok.pad_id).sum()) for b in batches)
+    random_padding = sum(4 * max(chunk) - sum(chunk) for chunk in
+                         (lengths[i::len(lengths) // 4][:4] for i in range(len(lengths) // 4)))
+    assert padding < random_padding / 2
 
 
 def test_evaluate_table_has_every_checkpoint_and_metric(in_chain):
@@ -85,8 +93,9 @@ def test_evaluate_table_has_every_checkpoint_and_metric(in_chain):
     assert verdict["method"] == "ppo" and verdict["exact_match_vs_sft"] == pytest.approx(
         table["aligned"]["exact_match"] - table["sft"]["exact_match"], abs=1e-6)
     for row in table.values():
-        assert {"val_loss", "perplexity", "exact_match", "exact_match_hard", "reward", "reward_greedy",
-                "kl_to_sft"} <= set(row)
+        assert {"val_loss", "perplexity", "exact_match", "exact_match_fewshot", "exact_match_cot",
+                "exact_match_hard", "exact_match_fewshot_hard", "exact_match_cot_hard", "fewshot_shots", "reward",
+                "reward_greedy", "kl_to_sft"} <= set(row)
         assert 0.0 <= row["exact_match"] <= 1.0
     assert table["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
 
@@ -98,3 +107,13 @@ def test_align_logs_trl_metric_names(in_chain):
         assert m[key] is not None, key
     rows = json.loads(Path("metrics/curves/align_train.json").read_text())
     assert len(rows) >= 2 and "objective/scores" in rows[0]
+
+
+def test_training_stages_record_their_device_and_tokens(in_chain):
+    for stage in ("pretrain", "sft", "reward", "align", "sft_control"):
+        m = metrics(stage)
+        assert m["device"].startswith("cpu (") and m["tokens"] > 0, (stage, m.get("device"), m.get("tokens"))
+    assert metrics("pretrain")["tokens"] == metrics("pretrain")["tokens_seen"]  # fixed-size windows: every token
+    report = Path("reports/report.md").read_text()
+    assert f"| pretrain | {metrics('pretrain')['device']} |" in report
+    assert all(Path(f"reports/figures/{n}.png").is_file() for n in ("loss_curves", "accuracy", "alignment"))

@@ -50,6 +50,20 @@ def test_chat_template_masks_everything_but_the_answer(tok):
     assert tok.prompt("What is 2 + 3?") == ids[:answer_at]
 
 
+def test_multi_turn_chat_supervises_every_reply_and_nothing_the_user_wrote(tok):
+    messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
+                {"role": "user", "content": "Reverse the word tavo."}, {"role": "assistant", "content": "ovat"}]
+    ids, labels = tok.chat(messages)
+    assert ids.count(tok.user_id) == 2 and ids.count(tok.end_id) == 2 and ids[-1] == tok.end_id
+    supervised = [t for t in labels if t != IGNORE_INDEX]
+    assert tok.decode(supervised) == "5ovat" and supervised.count(tok.end_id) == 2
+    # the same tokens as the first exchange alone, then the second turn appended
+    first, first_labels = tok.conversation("What is 2 + 3?", "5")
+    assert ids[:len(first)] == first and labels[:len(first)] == first_labels
+    with pytest.raises(ValueError, match="message 1 has role 'user'"):
+        tok.chat([messages[0], messages[2]])
+
+
 def test_missing_special_token_is_refused(tmp_path):
     path = tmp_path / "t.json"
     train_bpe(TEXTS, 300, SPECIALS).save(str(path))

@@ -4,7 +4,10 @@
   opened by <|bos|>), memory-mapped; training draws random windows of block_size + 1 tokens forever
   (the step budget ends training), the same global batch on any number of ranks; validation reads
   fixed consecutive windows of the held-out documents.
-- ChatData: SFT conversations → (input_ids, labels) right-padded; loss only on answers.
+- ChatData: SFT conversations (one or more exchanges) → (input_ids, labels) right-padded; loss only
+  on the assistant's replies. Training
+  batches are grouped by length (worked solutions are 3x longer than direct answers, and a batch
+  pads to its longest row), without sorting families apart.
 - PreferenceData: (chosen, rejected) sequences for the reward model, stacked chosen-first.
 - PromptData: RL prompts, one list of rows per rollout batch.
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from pipeline.data.prepare import load_split
 from pipeline.data.shards import TOKENS_DIR, TokenShards
@@ -122,6 +125,39 @@ def split_holdout(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return rows[n_val:], rows[:n_val]
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices in which each run of `batch_size` holds rows of one length band.
+
+    Each epoch shuffles all rows (seed + epoch), cuts the order into groups of `group` batches, orders
+    each group by length band (`length // band`; random within a band), and shuffles the order of the
+    batches cut from it. Bands are wide on purpose: direct answers (one band) still share batches
+    across task families, while worked solutions, 3x longer, no longer make every batch pad to them.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, band: int = 32, group: int = 16) -> None:
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.band, self.group = band, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        span = self.batch_size * self.group
+        batches: list[list[int]] = []
+        for start in range(0, len(order), span):  # a stable sort keeps the shuffled order within a band
+            chunk = sorted(order[start:start + span], key=lambda i: self.lengths[i] // self.band)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]  # a short batch goes last (drop_last drops it)
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+        return iter([i for b in shuffled + [b for b in batches if len(b) < self.batch_size] for i in b])
+
+
 class HeldOutData(L.LightningDataModule):
     """Base: rows encoded into `train_set` / `val_set` by `setup`, batched by the subclass's `collate`."""
 
@@ -152,17 +188,22 @@ class ChatData(HeldOutData):
     def encode(self, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
         out = []
         for row in rows:
-            user, assistant = row["messages"][0]["content"], row["messages"][1]["content"]
-            ids, labels = self.tok.conversation(user, assistant)
+            ids, labels = self.tok.chat(row["messages"])
             if len(ids) > self.block_size:
                 raise ValueError(f"an SFT conversation has {len(ids)} tokens > model.block_size "
-                                 f"{self.block_size}: raise block_size or shorten data ({user!r})")
+                                 f"{self.block_size}: raise block_size or shorten data "
+                                 f"({row['messages'][-2]['content']!r})")
             out.append((ids[:-1], labels[1:]))
         return out
 
     def setup(self, stage: str | None = None) -> None:
         train, val = split_holdout(load_split(self.data_dir, "sft"), self.val_fraction, self.seed)
         self.train_set, self.val_set = self.encode(train), self.encode(val)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = LengthGroupedSampler([len(ids) for ids, _ in self.train_set], self.batch_size, self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+                          drop_last=True)
 
     def collate(self, items: list[tuple[list[int], list[int]]]) -> dict:
         return {"input_ids": pad_right([i for i, _ in items], self.tok.pad_id),

@@ -34,8 +34,8 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.data.tasks import (
-    CORRUPTIONS, FAMILIES, TaskSpace, corrupt, draw_key, make_problem, problem_key_in_eval, prose_sentence,
-    sample_corruption,
+    CORRUPTIONS, FAMILIES, Problem, TaskSpace, corrupt, draw_key, make_problem, problem_key_in_eval, prose_sentence,
+    sample_corruption, worked_solution,
 )
 from pipeline.data.world import World, build_world, fact_document, story_document
 from pipeline.io import atomic_dir
@@ -70,6 +70,8 @@ class DataConfig:
     sizes: dict[str, int]
     string_len: dict[str, int]
     demo_errors: dict[str, Any]
+    cot: dict[str, Any]
+    multi_turn: dict[str, Any]
 
 
 def _get(node: Any, name: str, path: str) -> Any:
@@ -150,7 +152,26 @@ def validate_config(cfg: Any) -> DataConfig:
         seed=seed, digits=digits, hard_digits=hard, eval_fraction=float(frac),
         families={f: float(families.get(f, 0)) for f in FAMILIES},
         world=world, sizes=sizes, string_len={"min": lo, "max": hi}, demo_errors=demo_errors,
+        cot=_cot(_get(cfg, "cot", "data")), multi_turn=_multi_turn(_get(cfg, "multi_turn", "data")),
     )
+
+
+def _multi_turn(node: Any) -> dict[str, Any]:
+    fraction = _get(node, "fraction", "data.multi_turn")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"data.multi_turn.fraction ({fraction!r}) must be in [0, 1], e.g. 0.2")
+    return {"fraction": float(fraction), "max_turns": _int(_get(node, "max_turns", "data.multi_turn"),
+                                                          "data.multi_turn.max_turns", 2)}
+
+
+def _cot(node: Any) -> dict[str, Any]:
+    fraction = _get(node, "fraction", "data.cot")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"data.cot.fraction ({fraction!r}) must be in [0, 1], e.g. 0.2")
+    trigger = _get(node, "trigger", "data.cot")
+    if not isinstance(trigger, str) or not trigger.strip():
+        raise ValueError(f"data.cot.trigger ({trigger!r}) must be a non-empty phrase, e.g. 'Think step by step.'")
+    return {"fraction": float(fraction), "trigger": trigger.strip()}
 
 
 # what a demonstration can get wrong: any corruption that still ends its reply properly
@@ -244,17 +265,44 @@ class _Generator:
 
     # ------------------------------------------------------------ chat splits
     def sft(self, n: int) -> list[dict[str, Any]]:
+        """Chat demonstrations; `family`, `key`, `answer` describe the last exchange.
+
+        A `cot.fraction` share asks for steps (the prompt ends with `cot.trigger`) and demonstrates a
+        worked solution ending in `Answer: ...`; those are never given a demo error. A `multi_turn.fraction`
+        share of the direct ones is preceded by 1 to max_turns - 1 earlier exchanges (other training
+        problems, answered correctly), so the model learns to read a conversation, as in chat and
+        few-shot prompts.
+        """
         rng = self._rng("sft")
         rows = []
         errors = random.Random(f"demo_errors:{self.cfg.seed}")  # own stream: rate 0 leaves the rows as they were
+        worked = random.Random(f"cot:{self.cfg.seed}")  # own streams too: fraction 0 leaves the rows as they were
+        earlier = random.Random(f"multi_turn:{self.cfg.seed}")
+        cot, turns = self.cfg.cot, self.cfg.multi_turn
         for family in self._family_plan(n, rng):
             p = make_problem(self._train_key(family, rng), self.world, rng)
             error, reply = self._demo_error(p.key, errors)
-            rows.append({"messages": [{"role": "user", "content": p.prompt},
-                                      {"role": "assistant", "content": p.answer if reply is None else reply}],
-                         "family": family, "key": p.key, "answer": p.answer, "demo_error": error})
+            prompt, steps = p.prompt, worked.random() < cot["fraction"]
+            if steps:
+                prompt, error, reply = f"{p.prompt} {cot['trigger']}", None, worked_solution(p.key, self.world)
+            history: list[Problem] = []
+            if earlier.random() < turns["fraction"] and not steps:  # worked solutions stay single-turn (length)
+                history = self._earlier_problems(earlier.randint(1, turns["max_turns"] - 1), earlier)
+            messages = [m for h in history for m in ({"role": "user", "content": h.prompt},
+                                                      {"role": "assistant", "content": h.answer})]
+            messages += [{"role": "user", "content": prompt},
+                         {"role": "assistant", "content": p.answer if reply is None else reply}]
+            rows.append({"messages": messages, "family": family, "key": p.key, "answer": p.answer,
+                         "demo_error": error, "cot": steps, "turns": len(messages) // 2,
+                         "earlier_keys": [h.key for h in history]})
             self._tick(1)
         return rows
+
+    def _earlier_problems(self, n: int, rng: random.Random) -> list[Problem]:
+        """`n` training problems for the earlier exchanges of a conversation (families by their weights)."""
+        families = [f for f, w in self.cfg.families.items() if w > 0]
+        weights = [self.cfg.families[f] for f in families]
+        return [make_problem(self._train_key(f, rng), self.world, rng) for f in rng.choices(families, weights, k=n)]
 
     def _demo_error(self, key: str, rng: random.Random) -> tuple[str | None, str | None]:
         """With probability `demo_errors.rate`, a plausible wrong reply (kind, text) in place of the answer.
@@ -422,6 +470,8 @@ def _metrics(config: DataConfig, splits: dict[str, list[dict]], leaked: int) -> 
         "sft_rows": len(splits["sft"]),
         "sft_unique_keys": len({r["key"] for r in splits["sft"]}),
         "sft_demo_error_rate": round(sum(r["demo_error"] is not None for r in splits["sft"]) / max(1, len(splits["sft"])), 4),
+        "sft_cot_rows": sum(r["cot"] for r in splits["sft"]),
+        "sft_multi_turn_rows": sum(r["turns"] > 1 for r in splits["sft"]),
         "preference_rows": len(splits["preference"]),
         "rl_prompts_rows": len(splits["rl_prompts"]),
         "eval_rows": len(splits["eval"]),

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.io import atomic_dir
@@ -282,9 +283,14 @@ def write_shards(docs: Any, tok: ChatTokenizer, out_dir: Path, split: str, cfg: 
                                cache_file_name=str(Path(cache) / "ids.arrow"), desc=f"tokenizing {split}", **kwargs)
         else:  # lazy: each batch is tokenized as the loop below pulls it
             encoded = docs.map(encode, **kwargs)
-        for ids, counts in _batches(encoded, cfg.batch_docs, dtype):
-            writer.write(ids)
-            totals.update(counts)
+        # a stream is tokenized as this loop pulls it, so this is its only bar (no total: a stream has no length)
+        with Progress(TextColumn(f"writing {split} shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      transient=True) as bar:
+            task = bar.add_task("", total=len(docs) if isinstance(docs, datasets.Dataset) else None)
+            for ids, counts in _batches(encoded, cfg.batch_docs, dtype):
+                writer.write(ids)
+                totals.update(counts)
+                bar.advance(task, counts["n_docs"])
         del encoded  # release the cache's memory map before the directory goes
     shards = writer.close()
     meta = {"split": split, "dtype": dtype.name, "n_tokens": sum(s["n_tokens"] for s in shards),

@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-from pipeline.data.world import ATTRIBUTES, World
+from pipeline.data.world import ATTRIBUTES, World, fact_statement
 
 FAMILIES: tuple[str, ...] = ("add", "sub", "reverse", "sort", "count", "fact")
 
@@ -78,6 +78,19 @@ def extract_answer(response: str) -> str:
     """The first non-empty line of a response, stripped (the part the checker grades)."""
     lines = response.strip().splitlines()
     return lines[0].strip() if lines else ""
+
+
+ANSWER_MARKER = "Answer:"
+
+
+def final_answer(response: str) -> str:
+    """The answer a worked (chain-of-thought) response commits to: the rest of the line after its last
+    `Answer:`, without a closing period; a response without the marker is graded on its first line."""
+    head, marker, tail = response.rpartition(ANSWER_MARKER)
+    if not marker:
+        return extract_answer(response)
+    lines = tail.strip().splitlines()
+    return lines[0].strip().removesuffix(".").strip() if lines else ""
 
 
 def check(answer: str, response: str) -> bool:
@@ -249,6 +262,71 @@ def prose_sentence(key: str, world: World, rng: random.Random) -> str:
         entity = rng.choice(world.entities)
         return _WORD_PROBLEMS[family].format(n=entity.name, food=entity.food, **fields)
     return rng.choice(_PROSE[family]).format(**fields)
+
+
+# ---------------------------------------------------------------- worked solutions (chain of thought)
+
+
+def _digits(n: str, width: int) -> list[int]:
+    """Digits of `n` from the least significant, zero-filled to `width`."""
+    return [int(c) for c in reversed(n.zfill(width))]
+
+
+def _column_addition(a: str, b: str) -> list[str]:
+    """One step per column, least significant first; each step restates the partial result so far,
+    so the last step ends with the whole sum: `7+8=15, so 5 carry 1. 4+3+1=8, so 85.`"""
+    width = max(len(a), len(b))
+    steps, partial, carry = [], "", 0
+    for i, (x, y) in enumerate(zip(_digits(a, width), _digits(b, width))):
+        total = x + y + carry
+        last = i == width - 1
+        partial = (str(total) if last else str(total % 10)) + partial
+        terms = f"{x}+{y}" + ("+1" if carry else "")
+        carry = total // 10
+        steps.append(f"{terms}={total}, so {partial}" + (" carry 1." if carry and not last else "."))
+    return steps
+
+
+def _column_subtraction(a: str, b: str) -> list[str]:
+    """One step per column with borrows: `12-7=5, so 5 borrow 1. 5-1-1=3, so 35.` (a >= b)."""
+    width = len(a)
+    steps, partial, borrow = [], "", 0
+    for i, (x, y) in enumerate(zip(_digits(a, width), _digits(b, width))):
+        needs = x - borrow < y
+        top = x + 10 * needs
+        value = top - borrow - y
+        last = i == width - 1
+        partial = str(value) + partial
+        if last:
+            partial = partial.lstrip("0") or "0"
+        steps.append(f"{top}-{y}{'-1' if borrow else ''}={value}, so {partial}" + (" borrow 1." if needs else "."))
+        borrow = int(needs)
+    return steps
+
+
+def worked_solution(key: str, world: World) -> str:
+    """A step-by-step reply that ends with `Answer: <answer>` (digit-by-digit arithmetic with carries
+    and borrows, letter-by-letter string work, the recalled fact)."""
+    family, args = parse_key(key)
+    answer = answer_for_key(key, world)
+    if family == "add":
+        steps = _column_addition(*args)
+    elif family == "sub":
+        steps = _column_subtraction(*args)
+    elif family in ("reverse", "sort"):
+        letters = list(args[0])
+        done = letters[::-1] if family == "reverse" else sorted(letters)
+        steps = [f"Letters: {' '.join(letters)}.", f"{'Backwards' if family == 'reverse' else 'Sorted'}: {' '.join(done)}."]
+    elif family == "count":
+        letter, word = args
+        tally, running = 0, []
+        for c in word:
+            tally += c == letter
+            running.append(str(tally))
+        steps = [f"Letters: {' '.join(word)}.", f"Count of {letter}: {' '.join(running)}."]
+    else:
+        steps = [fact_statement(world.entity(args[0]), args[1])]
+    return " ".join([*steps, f"{ANSWER_MARKER} {answer}"])
 
 
 # ---------------------------------------------------------------- corruptions

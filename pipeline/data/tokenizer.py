@@ -6,8 +6,8 @@ The special tokens are added first, so their ids are small and fixed: pad=0, bos
 assistant=3, end=4 for the default list.
 
 The chat template is token-level, never string-level, so user text can't forge a special token:
-    <|bos|> <|user|> question <|assistant|> answer <|end|>
-SFT puts loss on `answer <|end|>` only; generation stops at `<|end|>`.
+    <|bos|> <|user|> question <|assistant|> answer <|end|> [<|user|> question <|assistant|> answer <|end|> ...]
+SFT puts loss on every `answer <|end|>` only; generation stops at `<|end|>`.
 """
 from __future__ import annotations
 
@@ -94,11 +94,29 @@ class ChatTokenizer:
         """Tokens that ask the model to answer `question` (ends with the assistant token)."""
         return [self.bos_id, self.user_id, *self.encode(question), self.assistant_id]
 
+    def chat(self, messages: list[dict], with_end: bool = True) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of a conversation of alternating user and assistant messages: labels are
+        IGNORE_INDEX except on every assistant reply and its end token (`with_end=False` leaves the last
+        reply open)."""
+        ids, labels = [self.bos_id], [IGNORE_INDEX]
+        for i, message in enumerate(messages):
+            role = "user" if i % 2 == 0 else "assistant"
+            if message["role"] != role:
+                raise ValueError(f"message {i} has role {message['role']!r}, expected {role!r}: a conversation "
+                                 "alternates user and assistant messages, starting with the user")
+            if role == "user":
+                part = [self.user_id, *self.encode(message["content"]), self.assistant_id]
+                ids += part
+                labels += [IGNORE_INDEX] * len(part)
+            else:
+                part = self.encode(message["content"]) + ([self.end_id] if with_end or i < len(messages) - 1 else [])
+                ids += part
+                labels += part
+        return ids, labels
+
     def conversation(self, question: str, answer: str, with_end: bool = True) -> tuple[list[int], list[int]]:
         """(input ids, labels) for one exchange; labels are IGNORE_INDEX except on the answer (+ end)."""
-        p = self.prompt(question)
-        a = self.encode(answer) + ([self.end_id] if with_end else [])
-        return p + a, [IGNORE_INDEX] * len(p) + a
+        return self.chat([{"role": "user", "content": question}, {"role": "assistant", "content": answer}], with_end)
 
     def strip_response(self, ids: list[int]) -> list[int]:
         """Cut a generated response at the first end token (exclusive)."""

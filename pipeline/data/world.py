@@ -152,6 +152,11 @@ def fact_sentences(entity: Entity, rng: random.Random) -> list[str]:
     return sentences
 
 
+def fact_statement(entity: Entity, attr: str) -> str:
+    """One fixed sentence stating `attr` of `entity` (the recall step of a worked fact answer)."""
+    return _FACT_TEMPLATES[attr][1].format(**_fields(entity))
+
+
 def fact_document(world: World, entity: Entity, rng: random.Random) -> str:
     """A profile of `entity` (all attributes), sometimes followed by one fact about its friend."""
     sentences = fact_sentences(entity, rng)

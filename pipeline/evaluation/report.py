@@ -1,17 +1,35 @@
-"""The lifecycle report: one Markdown page with the evaluate table and every stage's key numbers."""
+"""The lifecycle report: one Markdown page a person can read at a glance.
+
+Its header says what ran (git commit, config, the device each training stage used, wall time and
+tokens per stage); figures show the training curves, exact match per checkpoint and prompting mode,
+and the alignment run's reward and KL; then the evaluate table and every stage's key numbers.
+`write_report` writes the page, its PNG figures and `accuracy.json` (the bars' data, a DVC plot).
+"""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from pipeline.config import git_commit, run_group
+from pipeline.evaluation import figures
+from pipeline.io import atomic_dir, write_json
 
 STAGE_ORDER = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "evaluate")
-TABLE_METRICS = ("val_loss", "perplexity", "exact_match", "exact_match_hard", "exact_match_sampled", "reward",
-                 "reward_greedy", "kl_to_sft", "response_length", "eos_rate")
+TABLE_METRICS = ("val_loss", "perplexity", "exact_match", "exact_match_fewshot", "exact_match_cot",
+                 "exact_match_hard", "exact_match_fewshot_hard", "exact_match_cot_hard", "fewshot_shots",
+                 "exact_match_sampled", "reward", "reward_greedy", "kl_to_sft", "response_length", "eos_rate")
+# name in reports/figures/ -> what the report says it shows
+FIGURES = {
+    "loss_curves": "Training curves: loss per optimizer step for each training stage (train and validation); "
+                   "for PPO, which has no single loss, the reward model's score.",
+    "accuracy": "Exact match per checkpoint under zero-shot, few-shot and chain-of-thought prompting, "
+                "on the eval split and on the harder split.",
+    "alignment": "Alignment: the reward and the KL to the SFT reference over the run's optimizer steps.",
+}
 
 
 def fmt(v: object) -> str:
@@ -41,25 +59,60 @@ def verdict_lines(v: dict | None) -> list[str]:
     ]
 
 
-def render(cfg: DictConfig, metrics_dir: Path) -> str:
+def load_stages(metrics_dir: Path) -> dict[str, dict]:
+    """{stage: its metrics} for every stage that wrote metrics/<stage>.json; evaluate's is required."""
     stages = {s: json.loads((metrics_dir / f"{s}.json").read_text())
               for s in STAGE_ORDER if (metrics_dir / f"{s}.json").is_file()}
     if "evaluate" not in stages:
-        raise FileNotFoundError(f"{metrics_dir}/evaluate.json not found: run `dvc repro evaluate` first")
+        raise FileNotFoundError(f"{metrics_dir}/evaluate.json not found: run the evaluate stage first "
+                                "(dvc repro evaluate)")
+    return stages
+
+
+def stage_table(stages: dict[str, dict]) -> list[str]:
+    """Per stage: the device it trained on, wall time, tokens trained on and tokens per wall-clock second."""
+    lines = ["| stage | device | wall time (s) | tokens | tokens/s |", "|---|---|---:|---:|---:|"]
+    for stage, m in stages.items():
+        if stage == "evaluate":  # its metrics are the per-checkpoint table, not one stage's numbers
+            continue
+        wall, tokens = m.get("wall_time_s"), m.get("tokens", m.get("tokens_seen"))
+        rate = f"{tokens / wall:,.0f}" if tokens and wall else ""
+        lines.append(f"| {stage} | {m.get('device', '')} | {fmt(wall) if wall is not None else ''} | "
+                     f"{f'{tokens:,}' if tokens is not None else ''} | {rate} |")
+    return lines
+
+
+def render(cfg: DictConfig, stages: dict[str, dict], figure_names: list[str] | tuple[str, ...] = ()) -> str:
+    """The report's Markdown; `figure_names` are the PNGs written to reports/figures/ (linked relatively)."""
     choices = {g: cfg.get(g, {}).get("name", "") for g in ("strategy", "logger")}
     m = cfg.model
     lines = [
         "# GPT lifecycle report", "",
         f"- run: `{run_group(cfg)}`, git commit `{git_commit()[:12]}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}",
         f"- model: {m.n_layer} layers x {m.n_head} heads x {m.n_embd} wide, block {m.block_size}, "
-        f"{m.pos_encoding} positions; trainer `{cfg.trainer.accelerator}` ({cfg.trainer.precision}), "
-        f"strategy `{choices['strategy']}`, logger `{choices['logger']}`, align `{cfg.align.method}`",
-        "- wall time per stage (s): " + ", ".join(f"{s} {fmt(v.get('wall_time_s', '?'))}"
-                                                    for s, v in stages.items() if s != "evaluate"),
-        "", "## Evaluation: every checkpoint on the same eval prompts", "",
+        f"{m.pos_encoding} positions; trainer `{cfg.trainer.accelerator}` ({cfg.trainer.precision}, "
+        f"devices {cfg.trainer.devices}), strategy `{choices['strategy']}`, logger `{choices['logger']}`, "
+        f"align `{cfg.align.method}`", "",
+        *stage_table(stages), "",
+        "`tokens`: the tokens of every training batch, as each objective counts them for its throughput "
+        "(pretraining every position, SFT the answer tokens its loss is on, reward model and DPO every "
+        "position of the pair batches, PPO and GRPO the prompt and sampled tokens of each rollout); "
+        "`tokens/s` divides them by the stage's whole wall time (loading and saving included).", "",
+    ]
+    if figure_names:
+        lines += ["## Figures", ""]
+        for name in figure_names:
+            lines += [f"![{name.replace('_', ' ')}](figures/{name}.png)", "", f"*{FIGURES[name]}*", ""]
+        missing = missing_modes(stages["evaluate"])
+        if missing:
+            lines += [f"Not measured by evaluate, so not drawn: {', '.join(missing)}.", ""]
+    lines += [
+        "## Evaluation: every checkpoint on the same eval prompts", "",
         *evaluate_table(stages["evaluate"]), "",
-        "`exact_match`: greedy answer checked by the generator's checker; `exact_match_hard`: operands with "
-        "more digits than any training problem; `reward` and `kl_to_sft` (nats per response) are measured on "
+        "`exact_match`: greedy answer to the bare question (zero-shot), checked strictly by the generator's "
+        "checker; `_fewshot`: the same after k solved training problems as earlier turns (`fewshot_shots` of "
+        "them fit on average); `_cot`: asked to think step by step, graded on the answer after the reply's "
+        "last `Answer:`; `_hard`: operands with more digits than any training problem; `reward` and `kl_to_sft` (nats per response) are measured on "
         "responses sampled at temperature 1, the two terms of the RLHF objective; `reward_greedy` scores the greedy answers. "
         "`sft_control` is SFT trained further for as many optimizer steps as alignment gave the policy.",
         "", *verdict_lines(stages["evaluate"].get("verdict")), "## Stages", "",
@@ -72,3 +125,29 @@ def render(cfg: DictConfig, metrics_dir: Path) -> str:
         lines += [f"- {k}: {fmt(v)}" for k, v in vals.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def missing_modes(results: dict[str, dict]) -> list[str]:
+    """"<prompting> (<split>)" for each prompting mode and split that no checkpoint has a number for."""
+    return [f"{mode} ({split})" for split, suffix in figures.SPLITS.items() for mode, key in figures.PROMPTING.items()
+            if not any(isinstance(r, dict) and r.get(key + suffix) is not None for r in results.values())]
+
+
+def write_report(cfg: DictConfig, metrics_dir: Path, reports_dir: Path) -> dict:
+    """reports_dir/report.md, its figures in reports_dir/figures/ and reports_dir/accuracy.json."""
+    stages = load_stages(metrics_dir)
+    curves = figures.load_curves(metrics_dir / "curves")
+    results = {k: v for k, v in stages["evaluate"].items() if k != "verdict"}
+    drawn = {"loss_curves": figures.loss_curves(curves), "accuracy": figures.accuracy(results)}
+    if curves.get("align_train"):
+        drawn["alignment"] = figures.alignment(curves["align_train"], stages.get("align", {}).get("method", ""))
+    with atomic_dir(reports_dir / "figures") as tmp:  # no figure of an earlier run stays behind
+        for name, fig in drawn.items():
+            figures.save(fig, tmp / f"{name}.png")
+    write_json(reports_dir / "accuracy.json", figures.accuracy_rows(results))
+    text = render(cfg, stages, list(drawn))
+    report = reports_dir / "report.md"
+    tmp = report.with_name(f".{report.name}.tmp-{os.getpid()}")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, report)
+    return {"report_lines": text.count("\n") + 1, "figures": len(drawn)}

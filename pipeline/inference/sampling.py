@@ -4,10 +4,14 @@ Prompts of different lengths are left-padded so that every row's next token sits
 column; the model derives per-row positions from the attention mask, so padding changes nothing.
 Each step feeds one token per row and reuses the cached keys/values of everything before it.
 `use_cache=False` recomputes the full sequence each step (the reference the cache is tested against).
+
+Per step the logits go through, in order: repetition penalty (every token already in the row, prompt
+included, CTRL-style: positive logits divided by the penalty, negative ones multiplied), temperature,
+top-k, top-p; temperature 0 takes the argmax of the penalised logits.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +25,25 @@ class SamplingConfig:
     temperature: float = 1.0      # 0 = greedy
     top_k: int = 0                # 0 = off
     top_p: float = 1.0            # 1 = off
+    repetition_penalty: float = 1.0   # 1 = off; > 1 discourages tokens already in the row
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0 or self.top_k < 0:
+            raise ValueError(f"temperature ({self.temperature}) and top_k ({self.top_k}) must not be negative")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive (1 = off), got {self.repetition_penalty}")
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make every token marked in `seen` (B, V) less likely by `penalty` (> 1), whatever its sign."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -50,10 +73,11 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str) 
 
 
 @torch.no_grad()
-def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_id: int | None,
+def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_id: int | Collection[int] | None,
              pad_id: int, use_cache: bool = True, generator: torch.Generator | None = None,
              on_step: Callable[[list[int]], None] | None = None) -> list[list[int]]:
-    """Sample a continuation for each prompt; each stops after emitting `stop_id` (kept) or at max_new_tokens.
+    """Sample a continuation for each prompt; each stops after emitting a stop token (`stop_id`: one id
+    or several; the stop token is kept) or at max_new_tokens.
 
     `on_step`, if given, receives each step's new token of every row (pad for finished rows): streaming.
     """
@@ -62,6 +86,8 @@ def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     B = len(prompts)
+    stops = torch.tensor(sorted({stop_id} if isinstance(stop_id, int) else set(stop_id or ())), dtype=torch.long,
+                         device=device)
     budget = min(cfg.max_new_tokens, model.config.block_size - ids.size(1))
     if budget <= 0:
         raise ValueError(f"prompt of {ids.size(1)} tokens leaves no room in block_size {model.config.block_size}")
@@ -70,12 +96,18 @@ def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_
     cache = model.new_kv_cache(B, ids.size(1) + budget) if use_cache else None
     out = torch.full((B, budget), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, mask)
     step_ids, step_mask = ids, mask
     for t in range(budget):
         if use_cache:
             logits = model(step_ids, attention_mask=step_mask, kv_cache=cache)[:, -1]
         else:
             logits = model(ids, attention_mask=mask)[:, -1]
+        if seen is not None:
+            logits = penalize_repetition(logits.float(), seen, cfg.repetition_penalty)
         if cfg.temperature <= 0:
             nxt = logits.argmax(-1)
         else:
@@ -85,16 +117,18 @@ def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_
         out[:, t] = nxt
         if on_step is not None:
             on_step(nxt.tolist())
-        if stop_id is not None:
-            done |= nxt == stop_id
-        step_ids, step_mask = nxt[:, None], ~done[:, None] | (nxt[:, None] == stop_id)
+        if seen is not None:
+            seen[torch.arange(B, device=device), nxt] |= ~done
+        stopped = torch.isin(nxt, stops) & ~done
+        step_ids, step_mask = nxt[:, None], ~done[:, None]
+        done |= stopped
         ids, mask = torch.cat([ids, step_ids], 1), torch.cat([mask, step_mask], 1)
         if done.all():
             break
     model.train(was_training)
-    lengths = [budget] * B
-    if stop_id is not None:
-        for i, row in enumerate(out.tolist()):
-            if stop_id in row:
-                lengths[i] = row.index(stop_id) + 1
-    return [row[:n] for row, n in zip(out.tolist(), lengths)]
+    stop_set = set(stops.tolist())
+    results = []
+    for row in out.tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in stop_set), len(row))
+        results.append(row[:end])
+    return results

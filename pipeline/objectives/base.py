@@ -54,6 +54,8 @@ class Objective(L.LightningModule):
         self._last_time: float | None = None
         self._tokens: int | torch.Tensor = 0
         self._peak: float | None = None
+        self.tokens_trained: int | torch.Tensor = 0
+        """Tokens of every training batch this rank has seen (a device tensor, read once at the end)."""
 
     def configure_optimizers(self):
         o = self.optim_cfg
@@ -85,6 +87,10 @@ class Objective(L.LightningModule):
         from pipeline.hardware import peak_flops
         self._peak = peak_flops(self.device, str(self.trainer.precision), self.peak_tflops)
 
+    def count_tokens(self, n_tokens: int | torch.Tensor) -> None:
+        """Add a training batch's tokens to `tokens_trained` (which `pipeline.train.fit` reports)."""
+        self.tokens_trained = self.tokens_trained + n_tokens
+
     def log_throughput(self, n_tokens: int | torch.Tensor, batch_idx: int) -> None:
         """Count this step's tokens; on logging steps (every trainer.log_every_n_steps) log the learning
         rate, train/tokens_per_sec (all ranks together) and train/mfu averaged since the last log.
@@ -94,6 +100,7 @@ class Objective(L.LightningModule):
         device ÷ the device's peak FLOP/s (pipeline.hardware), logged where the peak is known.
         """
         self._tokens = self._tokens + n_tokens
+        self.count_tokens(n_tokens)
         if batch_idx != 0 and (batch_idx + 1) % max(1, self.trainer.log_every_n_steps):
             return
         now = time.perf_counter()

@@ -81,6 +81,7 @@ class GRPO(Objective):
         rows = [r for r in rows for _ in range(c.group_size)]  # a prompt's samples stay adjacent
         self.policy.eval()
         b = sample_rollout(self.policy, self.tok, rows, c, self.generator, self.device)
+        self.count_tokens(b["attn"].sum())  # prompt + response tokens the updates train on
         rewards = verifiable_rewards(self.tok, rows, b["responses"]).to(self.device)
         adv = group_advantages(rewards, c.group_size, c.scale_rewards)
         with torch.no_grad():

@@ -133,6 +133,7 @@ class PPO(Objective):
         self.policy.eval()  # no dropout while sampling and scoring
         b = self.rollout(rows)
         self.policy.train()
+        self.count_tokens(b["attn"].sum())  # prompt + response tokens the updates train on
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "vf", "approxkl", "clipfrac", "ratio", "vclipfrac", "entropy")}
         for mb in minibatches(len(rows), c.minibatch_size, c.ppo_epochs, self.seed + self.global_step):
             mb = mb.to(self.device)

@@ -119,6 +119,8 @@ def load_reward_model(config, tokenizer_sha256: str | None = None) -> ScalarHead
 def on_policy_pairs(policy: GPT, tok: "ChatTokenizer", rows: list[dict], samples: int, max_new_tokens: int,
                     temperature: float, seed: int, batch_size: int = 256) -> list[dict]:
     """Preference rows (chosen = reference answer, rejected = a wrong sample of `policy`), one per distinct error."""
+    from rich.progress import track
+
     from pipeline.data.tasks import check
     from pipeline.inference.sampling import SamplingConfig, generate
 
@@ -126,7 +128,7 @@ def on_policy_pairs(policy: GPT, tok: "ChatTokenizer", rows: list[dict], samples
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     repeated = [r for r in rows for _ in range(samples)]
     out, seen = [], set()
-    for i in range(0, len(repeated), batch_size):
+    for i in track(range(0, len(repeated), batch_size), description="sampling on-policy pairs", transient=True):
         chunk = repeated[i:i + batch_size]
         responses = generate(policy, [tok.prompt(r["prompt"]) for r in chunk], cfg, stop_id=tok.end_id,
                              pad_id=tok.pad_id, generator=g)

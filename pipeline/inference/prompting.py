@@ -1,0 +1,100 @@
+"""Prompts for a chat-trained GPT: templates from config, few-shot and chain-of-thought prompting.
+
+Three ways to ask the same problem, each a measured row of `evaluate`:
+- zero-shot: the question alone, through the `zero_shot` template, in one user turn;
+- few-shot (k-shot): k solved problems of the same task family, drawn from the SFT split (training
+  data, never eval: every eval-partition key is refused), as earlier turns of the conversation;
+- chain of thought: the question through the `cot` template, which appends the trigger phrase the
+  SFT data used for its worked solutions (`data.cot.trigger`); the reply's final answer is the text
+  after its last `Answer:` (`pipeline.data.tasks.final_answer`).
+
+Templates are plain `str.format` strings: `{question}` is the problem's text and `{trigger}` the
+chain-of-thought phrase.
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.data.tokenizer import ChatTokenizer
+
+MODES = ("zero_shot", "few_shot", "cot")
+
+
+@dataclass(frozen=True)
+class PromptTemplates:
+    """How evaluate (and anyone else) phrases a problem; mirrors `evaluate.prompts` in conf/config.yaml."""
+
+    zero_shot: str = "{question}"
+    cot: str = "{question} {trigger}"
+    shots: int = 3
+    trigger: str = "Think step by step."
+
+    def __post_init__(self) -> None:
+        for name in ("zero_shot", "cot"):
+            template = getattr(self, name)
+            if "{question}" not in template:
+                raise ValueError(f"evaluate.prompts.{name} ({template!r}) must contain {{question}}")
+            try:
+                template.format(question="", trigger="")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"evaluate.prompts.{name} ({template!r}) is not a valid template: {err}; "
+                                 "use only {question} and {trigger}") from None
+        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 0:
+            raise ValueError(f"evaluate.prompts.shots ({self.shots!r}) must be a non-negative integer")
+
+    @classmethod
+    def from_cfg(cls, node: Any, trigger: str) -> PromptTemplates:
+        return cls(zero_shot=node.zero_shot, cot=node.cot, shots=node.shots, trigger=trigger)
+
+    def question(self, text: str) -> str:
+        return self.zero_shot.format(question=text, trigger=self.trigger)
+
+    def worked(self, text: str) -> str:
+        return self.cot.format(question=text, trigger=self.trigger)
+
+
+class FewShotPool:
+    """Solved training problems to show before a question: direct, correct SFT demonstrations.
+
+    Worked (chain-of-thought) rows and rows whose demonstration carries a deliberate error are left
+    out, and the correct `answer` is shown. A row whose key is in `held_out` (the eval keys) is an
+    error, not a silent skip: exemplars must never reveal an eval problem.
+    """
+
+    def __init__(self, rows: Iterable[dict], held_out: set[str], seed: int) -> None:
+        self.by_family: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            if row["key"] in held_out:
+                raise ValueError(f"few-shot pool row {row['key']!r} is an eval problem: exemplars must come "
+                                 "from training data only")
+            if row.get("cot") or row.get("demo_error"):
+                continue
+            self.by_family[row["family"]].append({"prompt": row["messages"][-2]["content"], "answer": row["answer"],
+                                                  "key": row["key"], "family": row["family"]})
+        self.seed = seed
+
+    def exemplars(self, row: dict, k: int) -> list[dict]:
+        """k solved problems for `row`, of its family when there are enough, never its own key;
+        the same row always gets the same exemplars."""
+        rng = random.Random(f"{self.seed}:{row['key']}")
+        same = [e for e in self.by_family.get(row["family"], []) if e["key"] != row["key"]]
+        if len(same) >= k:
+            return rng.sample(same, k)
+        others = [e for fam, rows in sorted(self.by_family.items()) if fam != row["family"] for e in rows]
+        return same + rng.sample(others, min(k - len(same), len(others)))
+
+
+def few_shot_prompt(tok: ChatTokenizer, templates: PromptTemplates, exemplars: list[dict], question: str,
+                    room: int) -> tuple[list[int], int]:
+    """(prompt ids, shots used): the exemplars as earlier turns, then the question. The exemplars
+    farthest from the question are dropped until the prompt fits in `room` tokens."""
+    ask = [tok.user_id, *tok.encode(templates.question(question)), tok.assistant_id]
+    turns = [[tok.user_id, *tok.encode(templates.question(e["prompt"])), tok.assistant_id,
+              *tok.encode(e["answer"]), tok.end_id] for e in exemplars]
+    while turns and 1 + sum(map(len, turns)) + len(ask) > room:
+        turns.pop(0)
+    return [tok.bos_id, *(t for turn in turns for t in turn), *ask], len(turns)
