@@ -7,10 +7,10 @@ bound, and did the reward model's score rise while ground-truth accuracy fell (r
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from omegaconf import DictConfig
-
-import json
 
 from pipeline.checkpoint import load_gpt
 from pipeline.context import DATA_DIR, load_tokenizer
