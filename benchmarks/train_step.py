@@ -150,6 +150,7 @@ def model_config(cfg: DictConfig) -> GPTConfig:
     """The `model` group with the configured tokenizer's vocabulary padded like `gpt_config` does."""
     m = OmegaConf.to_container(cfg.model, resolve=True)
     multiple = int(m.pop("vocab_multiple", 1) or 1)
+    m.pop("init_from", None)  # where the weights would start, not the shape
     m["vocab_size"] = m.get("vocab_size") or -(-cfg.tokenizer.vocab_size // multiple) * multiple
     return GPTConfig.from_dict(m)
 

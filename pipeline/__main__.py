@@ -24,7 +24,7 @@ from pipeline.sweep import job_directory
 def main(cfg: DictConfig) -> float | None:
     if not cfg.get("stage"):
         print("choose a stage: python -m pipeline stage=<prepare|tokenizer|pretrain|sft|reward|align|"
-              "sft_control|evaluate|report|all> [overrides]", file=sys.stderr)
+              "sft_control|export|evaluate|report|all> [overrides]", file=sys.stderr)
         raise SystemExit(2)
     OmegaConf.resolve(cfg)
     hydra_cfg = HydraConfig.get()

@@ -1,7 +1,8 @@
-"""`gpt-pipeline`: talk to a trained checkpoint.
+"""`gpt-pipeline`: talk to a trained checkpoint, or export it for transformers.
 
     gpt-pipeline chat --stage aligned              # interactive; /reset, /temp 0.7, /topk 20, /topp 0.9, /rep 1.2, /quit
     gpt-pipeline generate --stage sft --prompt "What is 12 + 30?"
+    gpt-pipeline export --stage aligned --out hf/       # a transformers GPT-2 directory (pipeline/hf.py)
 
 Run from the project root (checkpoints and the tokenizer are read from `artifacts/`). Replies stream
 token by token as they are sampled. The conversation is kept in the chat template:
@@ -49,8 +50,10 @@ class Chat:
                 return ids[-room:] if len(ids) > room else ids
             turns.pop(0)
 
-    def reply(self, question: str, out=sys.stdout) -> str:
-        """Sample a reply to `question`, writing it to `out` as it is sampled; remember the exchange."""
+    def reply(self, question: str, out=None) -> str:
+        """Sample a reply to `question`, writing it to `out` (default: the current stdout) as it is sampled;
+        remember the exchange."""
+        out = out or sys.stdout  # looked up per call: a default bound at import would miss redirection
         ids: list[int] = []
         shown = ""
 
@@ -90,8 +93,12 @@ class Chat:
         return f"({label} {getattr(self.sampling, field)})"
 
 
+def _config():
+    return load_params() if Path(PARAMS_FILE).is_file() else compose()  # the workspace's params, else conf/
+
+
 def _load(args: argparse.Namespace) -> tuple[GPT, ChatTokenizer, SamplingConfig]:
-    cfg = load_params() if Path(PARAMS_FILE).is_file() else compose()  # the workspace's params, else conf/
+    cfg = _config()
     tok = load_tokenizer(cfg)
     model, _ = load_gpt(args.stage, tok.sha256)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
@@ -99,7 +106,7 @@ def _load(args: argparse.Namespace) -> tuple[GPT, ChatTokenizer, SamplingConfig]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="gpt-pipeline", description="Talk to a trained checkpoint.")
+    parser = argparse.ArgumentParser(prog="gpt-pipeline", description="Talk to a trained checkpoint, or export it.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("chat", "interactive conversation"), ("generate", "one reply to --prompt")):
         p = sub.add_parser(name, help=text)
@@ -113,11 +120,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--seed", type=int, default=0)
         if name == "generate":
             p.add_argument("--prompt", required=True)
+    p = sub.add_parser("export", help="write a checkpoint as a transformers GPT-2 directory")
+    p.add_argument("--stage", default="aligned", choices=[c for c in CHECKPOINTS if c != "reward"])
+    p.add_argument("--out", required=True, help="directory to write (replaced if it holds an earlier export)")
     return parser.parse_args(argv)
+
+
+def export(args: argparse.Namespace) -> int:
+    from pipeline.hf import export_checkpoint
+    try:
+        out = export_checkpoint(args.stage, args.out, list(_config().tokenizer.special_tokens))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"gpt-pipeline: {err}", file=sys.stderr)
+        return 2
+    print(f"exported checkpoint {args.stage!r} to {out}: load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) and AutoTokenizer.from_pretrained(...)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "export":
+        return export(args)
     try:
         model, tok, sampling = _load(args)
     except (FileNotFoundError, ValueError) as err:

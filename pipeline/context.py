@@ -22,6 +22,7 @@ def gpt_config(cfg: DictConfig, tok: ChatTokenizer) -> GPTConfig:
     """The `model` config group, with vocab_size taken from the tokenizer (padded to vocab_multiple)."""
     m = OmegaConf.to_container(cfg.model, resolve=True)
     multiple = int(m.pop("vocab_multiple", 1) or 1)
+    m.pop("init_from", None)  # where the weights start (pipeline/hf.py), not the shape
     vocab = m.get("vocab_size") or -(-tok.vocab_size // multiple) * multiple
     if vocab < tok.vocab_size:
         raise ValueError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's {tok.vocab_size} tokens: "

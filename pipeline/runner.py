@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from pipeline.config import PROJECT_ROOT, load_params
 from pipeline.io import write_json
 
-STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "evaluate", "report")
+STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "export", "evaluate", "report")
 METRICS_DIR = Path("metrics")
 
 

@@ -1,4 +1,5 @@
-"""Stage `prepare`: generate the embedded data (pretraining text, SFT, preferences, RL prompts, eval)."""
+"""Stage `prepare`: the data splits (pretraining text, SFT, preference, RL prompts, eval), generated or, per
+`data.sources`, read from a hub dataset (or local files in its schema) through an adapter."""
 from __future__ import annotations
 
 from omegaconf import DictConfig

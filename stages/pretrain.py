@@ -1,4 +1,4 @@
-"""Stage `pretrain`: a GPT from scratch on the pretraining text, next-token loss."""
+"""Stage `pretrain`: a GPT from scratch (or from `model.init_from=hf:DIR`) on the pretraining text, next-token loss."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from pipeline.context import gpt_config, load_tokenizer, mean_of
 from pipeline.data.datamodules import PretrainData
+from pipeline.hf import check_imported_tokenizer, init_source, load_gpt2_weights
 from pipeline.model import GPT
 from pipeline.objectives.base import validate_optim
 from pipeline.objectives.lm import LanguageModeling
@@ -21,6 +22,10 @@ def run(cfg: DictConfig) -> dict:
     tok = load_tokenizer(cfg)
     L.seed_everything(cfg.seed, verbose=False)
     model = GPT(gpt_config(cfg, tok))
+    source = init_source(cfg.model.get("init_from"))
+    if source is not None:  # a transformers GPT-2 checkpoint; checked against `model` and the tokenizer first
+        check_imported_tokenizer(source, tok.tok, list(cfg.tokenizer.special_tokens))
+        load_gpt2_weights(model, source)
     block = model.config.block_size
     data = PretrainData(tok, block, p.batch_size, cfg.seed)
     module = LanguageModeling(prepare_model(model, cfg), p.optim, p.max_steps)

@@ -1,5 +1,6 @@
 """Stage `tokenizer`: train the byte-level BPE with chat special tokens on the pretraining text, then
-tokenize that text into flat shards (`data/tokens`) that pretraining memory-maps."""
+tokenize that text into flat shards (`data/tokens`) that pretraining memory-maps. With
+`model.init_from=hf:DIR` the tokenizer is DIR's instead (plus any special tokens it lacks, pipeline/hf.py)."""
 from __future__ import annotations
 
 import time
@@ -10,6 +11,7 @@ from pipeline.checkpoint import TOKENIZER_FILE
 from pipeline.context import DATA_DIR
 from pipeline.data.shards import TOKENS_DIR, TRAIN_DOCS, CorpusConfig, head_texts, open_corpus, write_tokens
 from pipeline.data.tokenizer import ChatTokenizer, file_sha256, train_bpe
+from pipeline.hf import import_tokenizer, init_source
 from pipeline.io import atomic_dir
 from pipeline.runner import main
 
@@ -20,9 +22,13 @@ def run(cfg: DictConfig) -> dict:
     train_docs = t.get("train_docs") or TRAIN_DOCS
     if isinstance(train_docs, bool) or not isinstance(train_docs, int) or train_docs < 1:
         raise ValueError(f"tokenizer.train_docs ({train_docs!r}) must be a positive integer, e.g. {TRAIN_DOCS}")
+    source = init_source(cfg.model.get("init_from"))
     splits = open_corpus(corpus, DATA_DIR)
-    bpe = train_bpe(head_texts(splits["pretrain"], corpus.text_field, train_docs), int(t.vocab_size),
-                    list(t.special_tokens))
+    if source is not None:  # the imported model's own tokenizer: its ids are what the weights know
+        bpe = import_tokenizer(source, list(t.special_tokens))
+    else:
+        bpe = train_bpe(head_texts(splits["pretrain"], corpus.text_field, train_docs), int(t.vocab_size),
+                        list(t.special_tokens))
     with atomic_dir(TOKENIZER_FILE.parent) as tmp:
         bpe.save(str(tmp / TOKENIZER_FILE.name))
     tok = ChatTokenizer.load(TOKENIZER_FILE, list(t.special_tokens))

@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, venv_env
 
 
@@ -38,3 +40,10 @@ def test_gpu_pretrain_cpu_smoke_mode():
         assert r["mfu"] is None  # no peak FLOP/s is known for a CPU
     assert result["precision"] == "32-true" and result["compile"] is False
     assert result["ratios"]["2"] > 0
+
+
+def test_hf_generate_quick_compares_both_samplers():
+    pytest.importorskip("transformers")
+    result = last_json_line("benchmarks.hf_generate", "--quick", timeout=180)
+    assert result["pipeline_tok_s_b2"] > 0 and result["hf_tok_s_b2"] > 0 and result["ratio_b2"] > 0
+    assert result["same_tokens_b2"] is True  # greedy on the same exported weights: the same tokens

@@ -34,7 +34,7 @@ def test_dvc_hydra_integration_is_on_and_analytics_off():
 @pytest.mark.parametrize("name", options("model"))
 def test_every_model_option_builds_a_valid_config(name):
     m = OmegaConf.to_container(compose([f"model={name}"]).model)
-    m.pop("vocab_multiple")
+    m.pop("vocab_multiple"), m.pop("init_from")  # where the weights start, not the shape (context.gpt_config)
     m["vocab_size"] = m["vocab_size"] or 512
     GPTConfig.from_dict(m)
 
@@ -136,7 +136,7 @@ def test_flops_per_token_counts_6n_plus_attention():
     from pipeline.model import GPT
     cfg = compose(["model=gpt2_124m"]).model
     m = OmegaConf.to_container(cfg)
-    m.pop("vocab_multiple")
+    m.pop("vocab_multiple"), m.pop("init_from")  # where the weights start, not the shape (context.gpt_config)
     m["vocab_size"] = 50304
     model = GPT(GPTConfig.from_dict(m))
     n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()  # tied head counted once

@@ -16,7 +16,8 @@ from conftest import repo_copy, venv_env
 from wandb_records import run_info
 
 TRAINING_STAGES = {"pretrain", "sft", "reward", "align", "sft_control"}
-ALL_STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "evaluate", "report")
+ALL_STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "export", "evaluate",
+              "report")
 
 
 def dvc(repo: Path, *args: str, timeout: int = 600) -> str:
@@ -90,12 +91,10 @@ def exp_show(repo: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_queued_experiments_rerun_only_what_their_change_touches(micro_repo):
-    """`dvc exp run --queue` of two points, run by `dvc queue start`: an evaluation parameter reruns
-    only evaluate and report; switching the alignment method (a Hydra group, `-S align=dpo`) reruns
-    align and after, reusing SFT and the reward model. Unchanged stages come from DVC's run cache."""
-    points = {"q-eval": "evaluate.max_problems=8", "q-dpo": "align=dpo"}
-    for name, override in points.items():
-        dvc(micro_repo, "exp", "run", "--queue", "-S", override, "-n", name)
+    """`dvc exp run --queue`, run by `dvc queue start`: switching the alignment method (a Hydra group,
+    `-S align=dpo`) reruns align and what follows it, while data, tokenizer, pretraining, SFT and the
+    reward model come from DVC's run cache. (One queued point: each costs ~a minute of suite time.)"""
+    dvc(micro_repo, "exp", "run", "--queue", "-S", "align=dpo", "-n", "q-dpo")
     dvc(micro_repo, "queue", "start", "-j", "1")
     deadline = time.time() + 480
     while time.time() < deadline:
@@ -103,16 +102,13 @@ def test_queued_experiments_rerun_only_what_their_change_touches(micro_repo):
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(1)
-    assert status.count("Success") == 2, status + dvc(micro_repo, "queue", "logs", "q-dpo")
-    ran = {name: {s for s in ALL_STAGES if f"Running stage '{s}'" in dvc(micro_repo, "queue", "logs", name)}
-           for name in points}
-    assert ran["q-eval"] == {"evaluate", "report"}, ran
-    assert ran["q-dpo"] == {"align", "sft_control", "evaluate", "report"}, ran
+    assert status.count("Success") == 1, status + dvc(micro_repo, "queue", "logs", "q-dpo")
+    log = dvc(micro_repo, "queue", "logs", "q-dpo")
+    ran = {s for s in ALL_STAGES if f"Running stage '{s}'" in log}
+    assert ran == {"align", "sft_control", "export", "evaluate", "report"}, ran
     exps = exp_show(micro_repo)
-    assert set(points) <= set(exps), sorted(exps)
-    # DVC's Hydra integration recomposed conf/ with each override into the experiment's params.yaml
-    assert exps["q-eval"]["params"]["params.yaml"]["data"]["evaluate"]["max_problems"] == 8
-    assert exps["q-eval"]["metrics"]["metrics/evaluate.json"]["data"]["sft"]["exact_match"] is not None
+    assert "q-dpo" in exps, sorted(exps)
+    # DVC's Hydra integration recomposed conf/ with the override into the experiment's params.yaml
     assert exps["q-dpo"]["params"]["params.yaml"]["data"]["align"]["method"] == "dpo"
     metrics = {f: v["data"] for f, v in exps["q-dpo"]["metrics"].items()}
     align, control = metrics["metrics/align.json"], metrics["metrics/sft_control.json"]

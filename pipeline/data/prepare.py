@@ -15,6 +15,10 @@ Design choices:
 - Family counts are allocated by largest remainder and rows shuffled, so per-family counts
   are exact and reproducible; eval draws unique keys and, when a family's eval pool is
   smaller than its share, hands the rest to other families.
+- A chat split whose `data.sources` entry is not `generated` is read from the Hub or local files
+  through an adapter (`pipeline.data.hub`) instead; the eval partition and its audit apply to
+  generated rows, hub rows are checked only for keys shared between training and eval. With every
+  split generated, the files and manifest are exactly those of a config without `data.sources`.
 - Files are written with HF `datasets` (the project's data layer) into a sibling temp dir
   that replaces `out_dir` only when complete (`pipeline.io.atomic_dir`).
 """
@@ -33,6 +37,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline.data.hub import SourceConfig, describe, load_rows, sources_from_cfg
 from pipeline.data.tasks import (
     CORRUPTIONS, FAMILIES, Problem, TaskSpace, corrupt, draw_key, make_problem, problem_key_in_eval, prose_sentence,
     sample_corruption, worked_solution,
@@ -50,6 +55,8 @@ SPLIT_FILES: dict[str, str] = {
     "eval_hard": "eval_hard.jsonl",
 }
 MANIFEST_FILE = "manifest.json"
+TRAIN_SPLITS: tuple[str, ...] = ("sft", "preference", "rl_prompts")
+EVAL_SPLITS: tuple[str, ...] = ("eval", "eval_hard")
 SIZE_FIELDS: tuple[str, ...] = ("pretrain_docs", "pretrain_val_docs", "sft", "preference", "rl_prompts", "eval", "eval_hard")
 # Share of each document kind in the pretraining corpus (fixed: `families` weights the chat splits).
 PRETRAIN_MIX: dict[str, float] = {"fact": 0.3, "story": 0.2, "arith": 0.3, "string": 0.2}
@@ -380,27 +387,38 @@ def _hard_weights(families: dict[str, float]) -> dict[str, float]:
     return w if sum(w.values()) > 0 else {"add": 1.0, "sub": 1.0}
 
 
-def generate(cfg: DataConfig, tick: Callable[[int], None] = lambda n: None) -> tuple[dict[str, list[dict]], set[str]]:
-    """All splits' rows plus every key used for training (including pretraining prose)."""
+def generate(cfg: DataConfig, tick: Callable[[int], None] = lambda n: None,
+             skip: frozenset[str] = frozenset()) -> tuple[dict[str, list[dict]], set[str]]:
+    """All splits' rows (but those in `skip`) plus every key used for training (including pretraining prose).
+
+    Each split draws from its own random stream, so skipping one leaves the others unchanged."""
     gen = _Generator(cfg, tick)
     s = cfg.sizes
     splits: dict[str, list[dict]] = {"pretrain": gen.pretrain("pretrain", s["pretrain_docs"], set())}
     splits["pretrain_val"] = gen.pretrain("pretrain_val", s["pretrain_val_docs"], {r["text"] for r in splits["pretrain"]})
-    splits["sft"] = gen.sft(s["sft"])
-    splits["preference"] = gen.preference(s["preference"])
-    splits["rl_prompts"] = gen.rl_prompts(s["rl_prompts"])
-    splits["eval"] = gen.eval_split("eval", s["eval"], cfg.families, None)
-    splits["eval_hard"] = gen.eval_split("eval_hard", s["eval_hard"], _hard_weights(cfg.families), cfg.hard_digits)
+    chat: dict[str, Callable[[], list[dict]]] = {
+        "sft": lambda: gen.sft(s["sft"]),
+        "preference": lambda: gen.preference(s["preference"]),
+        "rl_prompts": lambda: gen.rl_prompts(s["rl_prompts"]),
+        "eval": lambda: gen.eval_split("eval", s["eval"], cfg.families, None),
+        "eval_hard": lambda: gen.eval_split("eval_hard", s["eval_hard"], _hard_weights(cfg.families), cfg.hard_digits),
+    }
+    splits.update({name: make() for name, make in chat.items() if name not in skip})
     return splits, gen.train_keys
 
 
-def audit_leakage(splits: dict[str, list[dict]], train_keys: set[str], eval_fraction: float) -> int:
-    """Count keys on the wrong side of the partition, or shared between training and eval."""
-    train = train_keys | {r["key"] for name in ("sft", "preference", "rl_prompts") for r in splits[name]}
-    held = {r["key"] for name in ("eval", "eval_hard") for r in splits[name]}
+def audit_leakage(splits: dict[str, list[dict]], train_keys: set[str], eval_fraction: float,
+                  external: frozenset[str] = frozenset()) -> int:
+    """Count keys on the wrong side of the partition, or shared between training and eval.
+
+    Splits named in `external` (read from the Hub or files) have no partition: only shared keys count."""
+    def keys(names: tuple[str, ...], hub: bool) -> set[str]:
+        return {r["key"] for name in names if (name in external) == hub for r in splits[name]}
+
+    train, held = train_keys | keys(TRAIN_SPLITS, False), keys(EVAL_SPLITS, False)
     wrong_side = sum(problem_key_in_eval(k, eval_fraction) for k in train)
     wrong_side += sum(not problem_key_in_eval(k, eval_fraction) for k in held)
-    return wrong_side + len(train & held)
+    return wrong_side + len((train | keys(TRAIN_SPLITS, True)) & (held | keys(EVAL_SPLITS, True)))
 
 
 @contextmanager
@@ -423,13 +441,20 @@ def _sha256(path: Path) -> str:
 def prepare(cfg: Any, out_dir: Path, progress: bool = True) -> dict[str, float | int]:
     """Validate `cfg`, write all splits and manifest.json into `out_dir`, return flat metrics."""
     config = validate_config(cfg)
+    node = cfg.get("sources") if hasattr(cfg, "get") else getattr(cfg, "sources", None)
+    sources = {s: c for s, c in sources_from_cfg(node).items() if c.source != "generated"}
     out_dir = Path(out_dir)
     bar = Progress(TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), disable=not progress)
-    task = bar.add_task("generating", total=sum(config.sizes.values()))
+    task = bar.add_task("generating", total=sum(n for s, n in config.sizes.items() if s not in sources))
     with bar:
-        splits, train_keys = generate(config, lambda n: bar.advance(task, n))
-        leaked = audit_leakage(splits, train_keys, config.eval_fraction)
+        generated, train_keys = generate(config, lambda n: bar.advance(task, n), frozenset(sources))
+        counts: dict[str, dict[str, int]] = {}
+        for split, source in sources.items():
+            bar.update(task, description=f"reading {split} from {describe(source)}")
+            generated[split], counts[split] = load_rows(split, source)
+        splits = {name: generated[name] for name in SPLIT_FILES}
+        leaked = audit_leakage(splits, train_keys, config.eval_fraction, frozenset(sources))
         if leaked:
             raise RuntimeError(f"leakage audit found {leaked} eval-partition keys in training data; refusing to write")
         bar.update(task, description="writing")
@@ -439,8 +464,10 @@ def prepare(cfg: Any, out_dir: Path, progress: bool = True) -> dict[str, float |
             for split, rows in splits.items():
                 datasets.Dataset.from_list(rows).to_json(tmp / SPLIT_FILES[split], lines=True, force_ascii=False)
             manifest = _manifest(config, splits, {f: _sha256(tmp / f) for f in SPLIT_FILES.values()})
+            if sources:  # only then: an all-generated config keeps the manifest it always had
+                manifest["sources"] = {s: {**asdict(c), **counts[s]} for s, c in sources.items()}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return _metrics(config, splits, leaked)
+    return _metrics(config, splits, leaked) | _source_metrics(sources, counts)
 
 
 def _manifest(config: DataConfig, splits: dict[str, list[dict]], hashes: dict[str, str]) -> dict[str, Any]:
@@ -480,6 +507,11 @@ def _metrics(config: DataConfig, splits: dict[str, list[dict]], leaked: int) -> 
         "world_entities": config.world["n_entities"],
         "leaked_keys": leaked,
     }
+
+
+def _source_metrics(sources: dict[str, SourceConfig], counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Per hub-sourced split: rows skipped by its adapter and rows over `max_chars`."""
+    return {f"{split}_{what}": counts[split][what] for split in sources for what in ("skipped", "too_long")}
 
 
 def load_split(data_dir: Path, split: str) -> list[dict]:

@@ -119,17 +119,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 # ------------------------------------------------------------------ reading the text
 
-def _builder(files: Any) -> str:
+def file_builder(files: Any, where: str, builders: dict[str, str] = FILE_BUILDERS) -> str:
+    """The `datasets` builder (json, text, parquet) for `files` (a path, a list, or {split: paths}),
+    after checking every path exists and all are of one kind; errors name the config field `where`."""
     paths = [files] if isinstance(files, str) else list(files.values() if hasattr(files, "values") else files)
     flat = [p for item in paths for p in ([item] if isinstance(item, str) else item)]
-    builders = {FILE_BUILDERS.get(Path(p).suffix.lower()) for p in flat}
-    if None in builders or len(builders) != 1:
-        raise ValueError(f"data.corpus.data_files {files!r}: every file must end in one of "
-                         f"{', '.join(FILE_BUILDERS)}, all of one kind")
+    kinds = {builders.get(Path(p).suffix.lower()) for p in flat}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(f"{where}.data_files {files!r}: every file must end in one of "
+                         f"{', '.join(builders)}, all of one kind")
     for p in flat:
         if not any(c in p for c in "*?[") and not Path(p).is_file():
-            raise FileNotFoundError(f"data.corpus.data_files names {p}, which does not exist: fix the path")
-    return builders.pop()
+            raise FileNotFoundError(f"{where}.data_files names {p}, which does not exist: fix the path")
+    return kinds.pop()
 
 
 def _load(cfg: CorpusConfig, split: str, prepared: Path) -> tuple[Any, str]:
@@ -142,7 +144,7 @@ def _load(cfg: CorpusConfig, split: str, prepared: Path) -> tuple[Any, str]:
             raise FileNotFoundError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
         return datasets.load_dataset("json", data_files=str(path), split="train", streaming=cfg.streaming), str(path)
     if cfg.source == "files":
-        builder = _builder(cfg.data_files)
+        builder = file_builder(cfg.data_files, "data.corpus")
         data_files = cfg.data_files if isinstance(cfg.data_files, (str, dict)) else list(cfg.data_files)
         return (datasets.load_dataset(builder, data_files=data_files, split=split, streaming=cfg.streaming),
                 f"{cfg.data_files} (split {split})")

@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 from pipeline.model.kv_cache import KVCache
 
 POSITIONAL_ENCODINGS = ("learned", "sinusoidal")
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # name -> F.gelu's `approximate`
 
 
 @dataclass
@@ -44,6 +45,8 @@ class GPTConfig:
     """Biases in Linear and LayerNorm layers (GPT-2 has them)."""
     pos_encoding: str = "learned"
     """`learned` (a trained position table) or `sinusoidal` (the fixed sin/cos formula)."""
+    activation: str = "gelu"
+    """The MLP's GELU: `gelu` (exact, erf) or `gelu_tanh` (the tanh approximation OpenAI's GPT-2 used)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -57,6 +60,8 @@ class GPTConfig:
         if self.pos_encoding not in POSITIONAL_ENCODINGS:
             raise ValueError(f"model.pos_encoding must be one of {POSITIONAL_ENCODINGS}, "
                              f"got {self.pos_encoding!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ValueError("model.n_embd must be even for sinusoidal positions")
 
@@ -120,9 +125,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.approximate = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

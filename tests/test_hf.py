@@ -1,0 +1,222 @@
+"""Exchange with transformers: an exported checkpoint loads and computes exactly what the pipeline
+computes (logits, greedy tokens, tokenizer, chat template); an imported GPT-2 gives its own logits
+back; bad inputs are refused before any work, naming the field to change."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from conftest import compose_micro
+from pipeline.checkpoint import TOKENIZER_FILE, load_gpt
+from pipeline.context import load_tokenizer
+from pipeline.hf import (check_gpt2_config, check_imported_tokenizer, export_gpt2, import_tokenizer, init_source,
+                         load_gpt2_weights)
+from pipeline.inference.sampling import SamplingConfig, generate
+from pipeline.model import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+SPECIALS = ["<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+@pytest.fixture(scope="module")
+def exported(micro_chain) -> Path:
+    """The micro chain's `export` stage output: the aligned model as a GPT-2 directory."""
+    return micro_chain / "artifacts" / "export"
+
+
+@pytest.fixture
+def pipeline_side(in_chain):
+    tok = load_tokenizer(compose_micro())
+    model, _ = load_gpt("aligned", tok.sha256)
+    return model, tok
+
+
+def test_export_stage_writes_a_transformers_directory(in_chain, exported):
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "gpt_pipeline.json"):
+        assert (exported / name).is_file(), name
+    metrics = json.loads((in_chain / "metrics" / "export.json").read_text())
+    assert metrics["checkpoint"] == "aligned" and metrics["model_mb"] > 0
+    assert json.loads((exported / "gpt_pipeline.json").read_text())["checkpoint"] == "aligned"
+
+
+def test_logits_and_greedy_generation_match_the_pipeline(pipeline_side, exported):
+    model, tok = pipeline_side
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(exported), local_files_only=True).eval()
+    assert hf.config.vocab_size == model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, tok.vocab_size, (4, model.config.block_size), generator=g)
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-4
+    prompts = [tok.prompt("What is 12 + 30?"), tok.prompt("Reverse the letters of cat."),
+               torch.randint(5, tok.vocab_size, (20,), generator=g).tolist()]
+    ours = generate(model, prompts, SamplingConfig(max_new_tokens=32, temperature=0.0), stop_id=None, pad_id=tok.pad_id)
+    for prompt, mine in zip(prompts, ours):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None)
+        assert out[0, len(prompt):].tolist() == mine and len(mine) == 32
+
+
+def test_tokenizer_round_trips_and_renders_the_chat_template(pipeline_side, exported):
+    _, tok = pipeline_side
+    hf = transformers.AutoTokenizer.from_pretrained(str(exported), local_files_only=True)
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (tok.pad_id, tok.bos_id, tok.end_id)
+    for text in ("Mira the blue fox lives in 12 caves.", "<|bos|><|user|>hi there<|assistant|>42<|end|>",
+                 "  spaces,\nnewlines and ünïcödé 3456"):
+        ids = hf.encode(text, add_special_tokens=False)
+        assert hf.decode(ids) == text
+    assert hf.encode("What is 7 + 8?", add_special_tokens=False) == tok.encode("What is 7 + 8?")
+    assert hf.encode("<|user|>", add_special_tokens=False) == [tok.user_id]
+    q = "What is 12 + 30?"
+    prompt = hf.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                    return_dict=False)
+    assert list(prompt) == tok.prompt(q)
+    messages = [{"role": "user", "content": q}, {"role": "assistant", "content": "42"},
+                {"role": "user", "content": "And 1 + 1?"}, {"role": "assistant", "content": "2"}]
+    rendered = hf.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert list(rendered) == tok.chat(messages)[0]
+
+
+def test_sinusoidal_bias_free_model_exports_exactly(tmp_path):
+    """Sinusoidal positions become GPT-2's position table; a bias-free model gets zero biases."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=576, block_size=64, n_layer=2, n_head=2, n_embd=32,
+                          pos_encoding="sinusoidal", bias=False)).eval()
+    tokenizer_file = tmp_path / "tokenizer.json"
+    byte_level_tokenizer(SPECIALS).save(str(tokenizer_file))
+    export_gpt2(model, tokenizer_file, SPECIALS, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    ids = torch.randint(0, 576, (2, 64))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-4
+
+
+def test_export_refuses_to_replace_a_foreign_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    model = GPT(GPTConfig(vocab_size=576, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match="not an earlier export"):
+        export_gpt2(model, tmp_path / "tokenizer.json", SPECIALS, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_cli_export_writes_any_stage(in_chain, tmp_path):
+    from pipeline.cli import main
+    assert main(["export", "--stage", "sft", "--out", str(tmp_path / "sft")]) == 0
+    assert json.loads((tmp_path / "sft" / "gpt_pipeline.json").read_text())["checkpoint"] == "sft"
+    assert main(["export", "--stage", "sft", "--out", str(tmp_path / "sft")]) == 0   # an earlier export: replaced
+
+
+# -------------------------------------------------------------------------------------------- import
+
+def byte_level_tokenizer(special_tokens: list[str], vocab_size: int = 300) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
+    return tok
+
+
+def random_gpt2(path: Path, **overrides) -> "transformers.GPT2LMHeadModel":
+    """A randomly initialised transformers GPT-2 (OpenAI's tanh GELU) saved with a tokenizer lacking
+    the pipeline's special tokens."""
+    tok = byte_level_tokenizer(["<|endoftext|>"])
+    config = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=128, n_embd=32, n_layer=2,
+                                     n_head=2, **overrides)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(str(path))
+    tok.save(str(path / "tokenizer.json"))
+    return hf
+
+
+def test_imported_gpt2_gives_the_same_logits(tmp_path):
+    hf = random_gpt2(tmp_path)
+    vocab = hf.config.vocab_size
+    model = GPT(GPTConfig(vocab_size=320, block_size=128, n_layer=2, n_head=2, n_embd=32, activation="gelu_tanh"))
+    load_gpt2_weights(model.eval(), tmp_path)
+    ids = torch.randint(0, vocab, (3, 128))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)[..., :vocab]).abs().max().item() < 1e-4
+
+
+def test_imported_tokenizer_gains_the_special_tokens_after_its_vocabulary(tmp_path):
+    hf = random_gpt2(tmp_path)
+    tok = import_tokenizer(tmp_path, SPECIALS)
+    n = hf.config.vocab_size
+    assert [tok.token_to_id(t) for t in SPECIALS] == list(range(n, n + 5))
+    assert tok.encode("the fox").ids == Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode("the fox").ids
+    check_imported_tokenizer(tmp_path, tok, SPECIALS)
+    with pytest.raises(ValueError, match="dvc repro tokenizer"):
+        check_imported_tokenizer(tmp_path, byte_level_tokenizer(SPECIALS), SPECIALS)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n_layer=3), "set model.n_layer=2"), (dict(n_embd=64, n_head=2), "set model.n_embd=32"),
+    (dict(activation="gelu"), "set model.activation=gelu_tanh"), (dict(pos_encoding="sinusoidal"), "pos_encoding"),
+    (dict(bias=False), "model.bias"), (dict(block_size=256), "model.block_size"),
+    (dict(vocab_size=64), "model.vocab_size")])
+def test_import_refuses_a_mismatch_naming_the_field(tmp_path, change, message):
+    random_gpt2(tmp_path)
+    shape = dict(vocab_size=320, block_size=128, n_layer=2, n_head=2, n_embd=32, activation="gelu_tanh") | change
+    with pytest.raises(ValueError, match=message):
+        check_gpt2_config(tmp_path, GPTConfig(**shape))
+
+
+def test_import_refuses_what_is_not_a_local_gpt2(tmp_path):
+    with pytest.raises(ValueError, match="hf:/path"):
+        init_source("gpt2")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        init_source(f"hf:{tmp_path / 'missing'}")
+    assert init_source(None) is None and init_source(f"hf:{tmp_path}") == tmp_path
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="only GPT-2"):
+        check_gpt2_config(tmp_path, GPTConfig())
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        import_tokenizer(tmp_path, SPECIALS)
+
+
+def test_tokenizer_and_pretrain_stages_start_from_an_imported_gpt2(micro_chain, tmp_path, monkeypatch):
+    """`model.init_from=hf:DIR`: the tokenizer stage takes DIR's tokenizer (+ special tokens), pretrain its weights."""
+    from pipeline.runner import run_stage
+
+    hf_dir = tmp_path / "gpt2"
+    hf = random_gpt2(hf_dir, activation_function="gelu")
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    os.symlink(micro_chain / "data" / "prepared", work / "data" / "prepared")
+    monkeypatch.chdir(work)
+    cfg = compose_micro(f"model.init_from=hf:{hf_dir}", "pretrain.max_steps=2", "pretrain.val_every=2")
+    run_stage("tokenizer", cfg)
+    n = hf.config.vocab_size
+    assert Tokenizer.from_file(str(TOKENIZER_FILE)).token_to_id("<|end|>") == n + 4
+    metrics = run_stage("pretrain", cfg)
+    assert metrics["train_loss"] < metrics["ln_vocab"] + 1
+    model, meta = load_gpt("pretrain")
+    assert meta["model"]["vocab_size"] == 320  # 300 + 5 special tokens, padded to 64
+    shutil.copy(micro_chain / TOKENIZER_FILE, TOKENIZER_FILE)  # a tokenizer that is not DIR's: refused
+    with pytest.raises(ValueError, match="dvc repro tokenizer"):
+        run_stage("pretrain", cfg)
+
+
+def test_export_then_import_round_trips(pipeline_side, exported):
+    model, tok = pipeline_side
+    back = load_gpt2_weights(GPT(model.config).eval(), exported)
+    ids = torch.randint(0, tok.vocab_size, (2, 64))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+
+
+def test_import_without_transformers_says_how_to_install(monkeypatch):
+    import sys
+
+    from pipeline.hf import require_transformers
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an install without the extra looks like
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[export\]'"):
+        require_transformers()
