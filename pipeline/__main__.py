@@ -36,6 +36,9 @@ def main(cfg: DictConfig) -> float | None:
     except (ValueError, FileNotFoundError) as err:
         print(f"error in stage {cfg.stage!r}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except FloatingPointError as err:  # a NaN/inf loss; the last good checkpoint is kept (pipeline.resume)
+        print(f"error in stage {cfg.stage!r}: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
     # a sweeper (e.g. Optuna) minimises the returned value
     value = metrics.get("val_loss") if isinstance(metrics, dict) else None
     return float(value) if isinstance(value, (int, float)) else None

@@ -1,6 +1,7 @@
 """Small filesystem helpers every stage shares: atomic directories and files, JSON metrics."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -47,3 +48,12 @@ def read_json(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
     return json.loads(path.read_text())
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (checkpoints can be gigabytes)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

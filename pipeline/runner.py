@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import PROJECT_ROOT, load_params
 from pipeline.io import write_json
+from pipeline.validation import validate_stage
 
 STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "export", "evaluate", "report")
 METRICS_DIR = Path("metrics")
@@ -25,6 +27,9 @@ def setup_environment(cfg: DictConfig) -> None:
     """Offline-first defaults; the user's environment always wins."""
     logger = cfg.get("logger") or {}
     os.environ.setdefault("WANDB_MODE", str(logger.get("mode") or "offline"))
+    if logger.get("name") == "wandb" and os.environ["WANDB_MODE"] == "online":
+        from pipeline.wandb_mode import fall_back_offline_without_server
+        fall_back_offline_without_server()  # no network: offline files in seconds, not a failure after ~100 s
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,6 +72,7 @@ def run_stage(name: str, cfg: DictConfig) -> dict:
     if name == "all":
         return {s: run_stage(s, cfg) for s in STAGES}
     setup_environment(cfg)  # before the stage imports datasets/wandb, which read it at import time
+    validate_stage(name, cfg)  # bad config or inputs stop the stage here, before any work or output
     module = stage_module(name)
     start = time.time()
     metrics = module.run(cfg)
@@ -74,7 +80,15 @@ def run_stage(name: str, cfg: DictConfig) -> dict:
         metrics = {**metrics, "wall_time_s": round(time.time() - start, 2)}
     if global_rank() == 0:  # under DDP/FSDP every rank runs the stage; one writes its metrics
         write_json(METRICS_DIR / f"{name}.json", metrics)
+        forget_resume_state(name)
     return metrics
+
+
+def forget_resume_state(name: str) -> None:
+    """The stage's outputs are complete: its resume checkpoint (pipeline.resume) must not be reused."""
+    resume_dir = Path("outputs/resume") / name
+    if resume_dir.is_dir():
+        shutil.rmtree(resume_dir)
 
 
 def main(name: str) -> None:
@@ -84,3 +98,6 @@ def main(name: str) -> None:
     except (ValueError, FileNotFoundError) as err:
         print(f"error in stage {name!r}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except FloatingPointError as err:  # a NaN/inf loss (pipeline.resume): the last good checkpoint is kept
+        print(f"error in stage {name!r}: {err}", file=sys.stderr)
+        raise SystemExit(3) from None

@@ -7,6 +7,7 @@ edit. Each stage passes its own step budget and validation cadence.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +44,12 @@ class CurveRecorder(Callback):
             if keep(key) and value.numel() == 1:
                 row[key] = round(float(value), 6)
         return row
+
+    def state_dict(self) -> dict:  # a resumed run continues the curves of the killed one
+        return {"train": self.train, "val": self.val, "val_keys": sorted(self.val_keys)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train, self.val, self.val_keys = state_dict["train"], state_dict["val"], set(state_dict["val_keys"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0 or (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
@@ -115,8 +122,10 @@ def build_strategy(cfg: DictConfig):
     raise ValueError(f"strategy.name {name!r} is unknown: choose one of {', '.join(STRATEGIES)} (conf/strategy/)")
 
 
-def build_logger(cfg: DictConfig, stage: str):
-    """A WandbLogger for this stage (job_type = stage, group = the pipeline run), or False."""
+def build_logger(cfg: DictConfig, stage: str, run_id: str | None = None):
+    """A WandbLogger for this stage (job_type = stage, group = the pipeline run), or False.
+
+    `run_id` (pipeline.resume) is the W&B run id: a resumed stage continues its run (resume="allow")."""
     lg = cfg.get("logger") or {}
     if lg.get("name", "none") == "none":
         return False
@@ -132,14 +141,15 @@ def build_logger(cfg: DictConfig, stage: str):
     save_dir.mkdir(parents=True, exist_ok=True)
     return WandbLogger(project=lg.project, entity=lg.get("entity"), group=group, job_type=stage,
                        name=f"{stage}-{group}", save_dir=str(save_dir), config=config,
-                       log_model=False)
+                       log_model=False, id=run_id, resume="allow" if run_id else None)
 
 
 def build_trainer(cfg: DictConfig, stage: str, *, max_steps: int = -1, max_epochs: int | None = None,
                   val_every: int | None = None, val_batches: int | float = 1.0,
                   grad_clip: float | None = None, accumulate: int = 1, log_every: int | None = None,
                   callbacks: list[Callback] | None = None, global_batch_tokens: int | None = None,
-                  micro_batch_tokens: int | None = None, single_device: bool = False) -> L.Trainer:
+                  micro_batch_tokens: int | None = None, single_device: bool = False,
+                  run_id: str | None = None) -> L.Trainer:
     """A Trainer for `stage`. With `global_batch_tokens`, gradient accumulation is derived from it:
     global tokens = micro_batch_tokens x world size x accumulate, and must divide exactly.
     `single_device` ignores `strategy`, `devices` and `num_nodes`: for stages that score, sample or
@@ -160,9 +170,10 @@ def build_trainer(cfg: DictConfig, stage: str, *, max_steps: int = -1, max_epoch
         val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1,
         limit_val_batches=val_batches, num_sanity_val_steps=0,
         gradient_clip_val=grad_clip, accumulate_grad_batches=accumulate,
-        log_every_n_steps=log_every, logger=build_logger(cfg, stage),
+        log_every_n_steps=log_every, logger=build_logger(cfg, stage, run_id),
         callbacks=callbacks, enable_checkpointing=False, deterministic=t.get("deterministic", False),
         default_root_dir=f"outputs/lightning/{stage}", enable_model_summary=False, enable_progress_bar=show_bar,
+        use_distributed_sampler=False,  # every datamodule splits its global batches over ranks itself
     )
     strategy = trainer.strategy
     if type(strategy).__name__ == "ModelParallelStrategy" and strategy._data_parallel_size == "auto":
@@ -227,10 +238,19 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: DictC
         validate: bool = True, **trainer_kwargs) -> tuple[L.Trainer, CurveRecorder, dict[str, float]]:
     """Train `module` on `datamodule`, validate once more at the end, write curves, close the W&B run.
 
-    Returns the trainer, the recorded curves and the final validation metrics ({} if `validate` is off).
+    Checkpoints every `resume.every_n_steps` into `outputs/resume/<stage>/` and, when a killed run of
+    the same config left one there, resumes from it (pipeline.resume); the runner removes it once the
+    stage has written its outputs. Returns the trainer, the recorded curves and the final validation
+    metrics ({} if `validate` is off).
     """
+    from pipeline.resume import ResumeCheckpoint, ResumeState
+    resume = ResumeState(cfg, stage)
     curves = CurveRecorder(stage)
-    trainer = build_trainer(cfg, stage, callbacks=[curves], **trainer_kwargs)
+    trainer = build_trainer(cfg, stage, callbacks=[curves, ResumeCheckpoint(resume)], run_id=resume.wandb_id,
+                            **trainer_kwargs)
+    if trainer.is_global_zero:
+        resume.write_state()
+        print(resume.describe(), file=sys.stderr, flush=True)
     if cfg.strategy.name == "fsdp2" and not trainer_kwargs.get("single_device"):
         module.fsdp2 = {"compile": bool(cfg.trainer.get("compile")), "compile_mode": cfg.trainer.get("compile_mode"),
                         "reshard_after_forward": bool(cfg.strategy.get("reshard_after_forward", True))}
@@ -238,7 +258,8 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: DictC
     final: dict[str, float] = {}
     status = "failed"
     try:
-        trainer.fit(module, datamodule=datamodule)
+        # weights_only: the checkpoint holds tensors, numbers and strings only (no pickled objects)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path, weights_only=True)
         if validate:
             final = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
         status = "success"

@@ -32,7 +32,7 @@ def _first_last(rows: list[dict], keys: tuple[str, ...]) -> dict[str, float | No
 
 def _ppo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
     from pipeline.objectives.ppo import PPO
-    from pipeline.objectives.reward import load_reward_model
+    from pipeline.objectives.reward_model import load_reward_model
 
     a = cfg.align
     reward_model = load_reward_model(policy.config, tok.sha256)
@@ -49,7 +49,7 @@ def _ppo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
 
 def _dpo(cfg: DictConfig, policy: GPT, reference: GPT, tok) -> dict:
     from pipeline.objectives.dpo import DPO
-    from pipeline.objectives.reward import on_policy_pairs
+    from pipeline.objectives.reward_model import on_policy_pairs
 
     a = cfg.align
     op = a.on_policy

@@ -17,7 +17,7 @@ from pipeline.context import DATA_DIR, load_tokenizer
 from pipeline.data.prepare import MANIFEST_FILE, load_split
 from pipeline.evaluation.metrics import PromptSet, evaluate_checkpoint
 from pipeline.inference.prompting import FewShotPool, PromptTemplates
-from pipeline.objectives.reward import load_reward_model
+from pipeline.objectives.reward_model import load_reward_model
 from pipeline.runner import main
 
 CHECKPOINTS = ("pretrain", "sft", "sft_control", "aligned")

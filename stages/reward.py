@@ -13,7 +13,8 @@ from pipeline.context import DATA_DIR, checkpoint_meta, load_tokenizer
 from pipeline.data.datamodules import PreferenceData
 from pipeline.objectives.base import validate_optim
 from pipeline.data.prepare import load_split
-from pipeline.objectives.reward import RewardModeling, ScalarHead, on_policy_pairs
+from pipeline.objectives.reward import RewardModeling
+from pipeline.objectives.reward_model import ScalarHead, on_policy_pairs
 from pipeline.runner import main
 from pipeline.train import fit
 

@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 from pipeline.checkpoint import TOKENIZER_FILE
 from pipeline.context import DATA_DIR
 from pipeline.data.shards import TOKENS_DIR, TRAIN_DOCS, CorpusConfig, head_texts, open_corpus, write_tokens
-from pipeline.data.tokenizer import ChatTokenizer, file_sha256, train_bpe
+from pipeline.data.tokenizer import ChatTokenizer, train_bpe
+from pipeline.io import file_sha256
 from pipeline.hf import import_tokenizer, init_source
 from pipeline.io import atomic_dir
 from pipeline.runner import main

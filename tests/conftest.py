@@ -5,10 +5,14 @@ directory (artifact paths are repo-relative, so a chdir isolates it from the rep
 """
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +77,90 @@ def venv_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: the running interpreter's bin dir first on PATH (dvc, python)."""
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **extra}
+
+
+def dvc(repo: Path, *args: str, timeout: int = 600) -> str:
+    proc = subprocess.run(["dvc", *args], cwd=repo, env=venv_env(WANDB_MODE="offline"), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def _no_network_prefix() -> list[str]:
+    """`unshare -rn` (a user + network namespace: only a down loopback) where the kernel allows it."""
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "-rn", "true"], capture_output=True).returncode == 0:
+        return [unshare, "-rn"]
+    return []
+
+
+NO_NETWORK = _no_network_prefix()
+# secrets a user may have in the environment; the micro chain runs with these and must write none of them
+SENTINELS = {"WANDB_API_KEY": secrets.token_hex(20), "HF_TOKEN": f"hf_{secrets.token_hex(17)}",
+             "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20)}
+
+
+# the micro chain's `dvc repro` is killed (SIGKILL) once in each of these stages, after the resume
+# checkpoint of this step (micro: pretrain 20 steps, a checkpoint every 2; align 3 iterations, every 1)
+KILLS = {"pretrain": 4, "align": 1}
+CHECKPOINT_OF = {"pretrain": "pretrain", "align": "aligned"}
+
+
+def run_until_checkpoint(cmd: list[str], cwd: Path, env: dict, stage: str, step: int, log: Path,
+                         timeout: float = 600) -> int:
+    """Start `cmd` in its own process group; SIGKILL the group once outputs/resume/<stage>/state.json
+    records a checkpoint of at least `step`; return the step of the checkpoint left behind."""
+    state = cwd / "outputs" / "resume" / stage / "state.json"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    saved = 0
+    while saved < step:
+        if proc.poll() is not None:
+            raise AssertionError(f"{stage} ended (rc {proc.returncode}) before a checkpoint of step {step}:\n"
+                                 f"{log.read_text()[-3000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no {stage} checkpoint of step {step} within {timeout} s")
+        saved = json.loads(state.read_text())["step"] if state.is_file() else 0  # replaced atomically
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, f"{stage} ended before it was killed"
+    return json.loads(state.read_text())["step"]  # a later checkpoint may have landed meanwhile
+
+
+@pytest.fixture(scope="session")
+def micro_repo(tmp_path_factory) -> Path:
+    """A temp copy of the repo defaulting to the micro experiment (W&B on), after `dvc repro`.
+
+    The repro runs as a user would, with no network at all (NO_NETWORK), sentinel secrets in the
+    environment and the pipeline's own defaults (no WANDB_MODE, HF_* offline variables or HF_HOME set).
+    It is killed with SIGKILL in pretrain and again in align (KILLS), each time right after a resume
+    checkpoint, and rerun: `kills.json` beside the repo records the step each kill left and the
+    stage's outputs present right after it; `repro.log` holds the output of the final `dvc repro`."""
+    repo = repo_copy(tmp_path_factory.mktemp("repo"))
+    config = repo / "conf" / "config.yaml"
+    config.write_text(config.read_text().replace("  - experiment: null", "  - experiment: micro"))
+    # micro's own override turns W&B off; put it back on for this test
+    micro = repo / "conf" / "experiment" / "micro.yaml"
+    micro.write_text(micro.read_text().replace("  - override /logger: none\n", ""))
+    subprocess.run(["python", "-m", "pipeline.params"], cwd=repo, env=venv_env(), check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-qam", "micro defaults"], cwd=repo, check=True, capture_output=True,
+                   env=venv_env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                                GIT_COMMITTER_EMAIL="t@t"))
+    env = venv_env(**SENTINELS, HOME=str(repo.parent / "home"))
+    for var in ("WANDB_MODE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HF_HOME"):
+        env.pop(var, None)
+    kills = {}
+    for stage, step in KILLS.items():
+        log = repo.parent / f"repro-killed-in-{stage}.log"
+        killed_at = run_until_checkpoint([*NO_NETWORK, "dvc", "repro"], repo, env, stage, step, log)
+        left = [p for p in (f"artifacts/{CHECKPOINT_OF[stage]}", f"metrics/{stage}.json") if (repo / p).exists()]
+        left += [str(p.relative_to(repo)) for p in (repo / "artifacts").glob(".*tmp*")]
+        kills[stage] = {"step": killed_at, "outputs_left": left}
+    (repo.parent / "kills.json").write_text(json.dumps(kills))
+    proc = subprocess.run([*NO_NETWORK, "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=900)
+    (repo.parent / "repro.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return repo

@@ -11,7 +11,7 @@ from pipeline.model import GPT, GPTConfig
 from pipeline.objectives.dpo import dpo_loss
 from pipeline.objectives.grpo import group_advantages
 from pipeline.objectives.methods import policy_updates, validate_align
-from pipeline.objectives.reward import pairwise_stats
+from pipeline.objectives.reward_model import pairwise_stats
 from pipeline.objectives.rollout import (build_sequences, clipped_policy_loss, kl_penalty, masked_mean, response_logprobs,
                                          sequence_logprobs)
 

@@ -1,12 +1,12 @@
-"""The command lines users type: Hydra single runs and multiruns, and clear failures on bad config."""
+"""The command lines users type: Hydra without a stage, the chat and generate console script, export.
+
+Bad config and inputs through the stage entry points are in test_bad_input.py."""
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-from omegaconf import OmegaConf
 
 from conftest import REPO, compose_micro, venv_env
 
@@ -27,25 +27,6 @@ def staged_dir(chain: Path, dest: Path) -> Path:
 def test_stage_without_a_choice_explains_itself(tmp_path):
     proc = run(["-m", "pipeline"], tmp_path)
     assert proc.returncode == 2 and "choose a stage" in proc.stderr
-
-
-def test_bad_model_config_fails_before_training_and_writes_nothing(micro_chain, tmp_path):
-    work = staged_dir(micro_chain, tmp_path)
-    cfg = compose_micro()
-    cfg.model.n_head = 3  # 32 is not divisible by 3
-    (work / "params.yaml").write_text(OmegaConf.to_yaml(cfg))
-    proc = run(["-m", "stages.pretrain"], work)
-    assert proc.returncode == 2
-    assert "model.n_embd (32) must be divisible by model.n_head (3)" in proc.stderr
-    assert not (work / "artifacts" / "pretrain").exists()
-    assert not (work / "metrics" / "pretrain.json").exists()
-
-
-def test_missing_upstream_names_the_stage_to_run(tmp_path):
-    (tmp_path / "params.yaml").write_text(OmegaConf.to_yaml(compose_micro()))
-    proc = run(["-m", "stages.sft"], tmp_path)
-    assert proc.returncode == 2
-    assert "tokenizer" in proc.stderr and "dvc repro" in proc.stderr
 
 
 def _read_until(fd: int, marker: bytes, timeout: float = 120.0) -> bytes:

@@ -12,35 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import repo_copy, venv_env
+from conftest import dvc, venv_env
 from wandb_records import run_info
 
 TRAINING_STAGES = {"pretrain", "sft", "reward", "align", "sft_control"}
 ALL_STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "export", "evaluate",
               "report")
-
-
-def dvc(repo: Path, *args: str, timeout: int = 600) -> str:
-    proc = subprocess.run(["dvc", *args], cwd=repo, env=venv_env(WANDB_MODE="offline"), capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
-def micro_repo(tmp_path_factory) -> Path:
-    repo = repo_copy(tmp_path_factory.mktemp("repo"))
-    config = repo / "conf" / "config.yaml"
-    config.write_text(config.read_text().replace("  - experiment: null", "  - experiment: micro"))
-    # micro's own override turns W&B off; put it back on for this test
-    micro = repo / "conf" / "experiment" / "micro.yaml"
-    micro.write_text(micro.read_text().replace("  - override /logger: none\n", ""))
-    subprocess.run(["python", "-m", "pipeline.params"], cwd=repo, env=venv_env(), check=True, capture_output=True)
-    subprocess.run(["git", "commit", "-qam", "micro defaults"], cwd=repo, check=True, capture_output=True,
-                   env=venv_env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-                                GIT_COMMITTER_EMAIL="t@t"))
-    dvc(repo, "repro")
-    return repo
 
 
 @pytest.mark.slow
@@ -65,9 +42,12 @@ def test_repro_runs_every_stage_and_writes_metrics(micro_repo):
 
 @pytest.mark.slow
 def test_wandb_has_one_offline_run_per_training_stage_in_one_group(micro_repo):
+    """One run per training stage; pretrain and align were killed and resumed (conftest.KILLS), so
+    their run has two offline directories (the killed process's may lack its records)."""
     runs = [run_info(d) for d in sorted((micro_repo / "wandb").glob("offline-run-*"))]
+    runs = [r for r in runs if "job_type" in r]
     assert {r["job_type"] for r in runs} == TRAINING_STAGES
-    assert len(runs) == len(TRAINING_STAGES)
+    assert len({r["run_id"] for r in runs}) == len(TRAINING_STAGES)
     assert len({r["group"] for r in runs}) == 1
     by_stage = {r["job_type"]: r for r in runs}
     assert "train/loss" in by_stage["pretrain"]["history_keys"] and "val/loss" in by_stage["pretrain"]["history_keys"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.model import GPT, GPTConfig
-from pipeline.objectives.reward import ScalarHead, pairwise_stats
+from pipeline.objectives.reward_model import ScalarHead, pairwise_stats
 from pipeline.objectives.rollout import build_sequences, gae, kl_penalty, masked_whiten, response_logprobs
 
 
@@ -66,7 +66,7 @@ def test_one_ppo_iteration_moves_the_policy_and_nothing_frozen(in_chain):
     from pipeline.context import DATA_DIR, load_tokenizer
     from pipeline.checkpoint import load_gpt
     from pipeline.data.datamodules import PromptData
-    from pipeline.objectives.reward import load_reward_model
+    from pipeline.objectives.reward_model import load_reward_model
     from pipeline.objectives.ppo import PPO
     from pipeline.train import fit
 
@@ -113,7 +113,7 @@ def test_on_policy_pairs_hold_only_wrong_samples(in_chain):
     from pipeline.context import DATA_DIR, load_tokenizer
     from pipeline.data.prepare import load_split
     from pipeline.data.tasks import check
-    from pipeline.objectives.reward import on_policy_pairs
+    from pipeline.objectives.reward_model import on_policy_pairs
 
     tok = load_tokenizer(compose_micro())
     rows = load_split(DATA_DIR, "rl_prompts")[:16]

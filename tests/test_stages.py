@@ -12,7 +12,7 @@ from pipeline.checkpoint import load_gpt, load_into
 from pipeline.data.datamodules import ChatData
 from pipeline.data.tokenizer import IGNORE_INDEX
 from pipeline.model import GPT
-from pipeline.objectives.reward import ScalarHead, load_reward_model
+from pipeline.objectives.reward_model import ScalarHead, load_reward_model
 
 
 def metrics(stage: str) -> dict:

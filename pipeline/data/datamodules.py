@@ -10,6 +10,12 @@
   pads to its longest row), without sorting families apart.
 - PreferenceData: (chosen, rejected) sequences for the reward model, stacked chosen-first.
 - PromptData: RL prompts, one list of rows per rollout batch.
+
+Every training order is a pure function of (seed, epoch), cut into global batches of batch_size x
+world size of which rank r takes its slice (so the global batch is the same on any number of ranks,
+and Lightning's DistributedSampler is not used), and every datamodule records in Lightning's
+checkpoint how many batches of which epoch training consumed: a resumed run skips exactly those
+(indices only, no data is read) and sees the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
@@ -34,13 +40,14 @@ class RandomWindows(IterableDataset):
     rank r keeps items [r * batch_size, (r + 1) * batch_size). So the global batch is the same
     whatever the number of data-parallel ranks: one process with batch 8 trains on the windows
     that two ranks with batch 4 share. DataLoader worker w of W yields steps w, w + W, ..., which
-    the loader hands back in step order.
+    the loader hands back in step order. `skip_steps` (resume) draws the first steps' starts and
+    yields nothing for them.
     """
 
     def __init__(self, tokens: TokenShards, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, skip_steps: int = 0) -> None:
         self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.skip_steps = rank, world_size, skip_steps
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -50,7 +57,7 @@ class RandomWindows(IterableDataset):
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for step in itertools.count():
             starts = torch.randint(0, hi + 1, (self.batch_size * self.world_size,), generator=g)
-            if step % n_workers != worker:
+            if step < self.skip_steps or (step - self.skip_steps) % n_workers != worker:
                 continue
             for i in starts[mine].tolist():
                 w = torch.from_numpy(self.tokens.window(i, self.block_size + 1))
@@ -79,7 +86,90 @@ def data_parallel() -> tuple[int, int]:
     return 0, 1
 
 
-class PretrainData(L.LightningDataModule):
+def rank_share(dataset) -> Sampler[int] | None:
+    """Validation rows for this rank: every world_size-th, in order (None = all, without ranks). With
+    `limit_val_batches`, the ranks together score the rows one process would."""
+    rank, world = data_parallel()
+    if world == 1:
+        return None
+    return torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+
+
+class Resumable:
+    """LightningDataModule mixin: Lightning's checkpoint records how far training got in the epoch
+    (`state_dict`), and the train dataloader built after a resume skips those batches (`resume_at`)."""
+
+    _resume_at: tuple[int, int] = (0, 0)
+
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        return {"epoch": trainer.current_epoch, "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    def resume_at(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained on) once after a resume, else (0, 0)."""
+        at, self._resume_at = self._resume_at, (0, 0)
+        return at
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """Base: an epoch's global batches (`global_batches`, each of batch_size x world_size indices, a
+    pure function of seed and epoch); rank r yields its slice of each. `start(epoch, skip)` makes the
+    next iteration begin after `skip` global batches of `epoch` (resume). The length stays the
+    epoch's full length, which is what Lightning counts a resumed epoch against."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def start(self, epoch: int, skip: int) -> "GlobalBatchSampler":
+        self.epoch, self.skip = epoch, skip
+        return self
+
+    def global_batches(self) -> list[list[int]]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch * self.batch_size
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return iter([i for batch in self.global_batches()[skip:] for i in batch[mine]])
+
+
+class ShuffledSampler(GlobalBatchSampler):
+    """A new permutation of all rows each epoch (seed + epoch); a last partial global batch is dropped."""
+
+    def global_batches(self) -> list[list[int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        full = self.n // self.global_batch * self.global_batch
+        return [order[i:i + self.global_batch] for i in range(0, full, self.global_batch)]
+
+
+class DrawSampler(GlobalBatchSampler):
+    """`n` rows drawn with replacement from `rows` (one epoch of n // batch_size batches)."""
+
+    def __init__(self, rows: int, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(n, batch_size, seed, rank, world_size)
+        self.rows = rows
+
+    def global_batches(self) -> list[list[int]]:
+        full = self.n // self.global_batch * self.global_batch
+        draws = torch.randint(0, self.rows, (full,), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return draws.view(-1, self.global_batch).tolist()
+
+
+class PretrainData(Resumable, L.LightningDataModule):
     """Token windows memory-mapped from the shards the tokenizer stage wrote (`data/tokens`).
 
     After `setup`, `val_tokens_per_byte` converts validation loss to bits per byte.
@@ -105,11 +195,13 @@ class PretrainData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = data_parallel()
-        windows = RandomWindows(self.train_tokens, self.block_size, self.batch_size, self.seed, rank, world)
+        _, skip = self.resume_at()  # one endless epoch: batches = steps
+        windows = RandomWindows(self.train_tokens, self.block_size, self.batch_size, self.seed, rank, world, skip)
         return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(FixedWindows(self.val_tokens, self.block_size), batch_size=self.batch_size,
+        windows = FixedWindows(self.val_tokens, self.block_size)
+        return DataLoader(windows, batch_size=self.batch_size, sampler=rank_share(windows),
                           num_workers=self.num_workers)
 
 
@@ -125,40 +217,33 @@ def split_holdout(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return rows[n_val:], rows[:n_val]
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled indices in which each run of `batch_size` holds rows of one length band.
+class LengthGroupedSampler(GlobalBatchSampler):
+    """Shuffled global batches, each holding rows of one length band.
 
-    Each epoch shuffles all rows (seed + epoch), cuts the order into groups of `group` batches, orders
-    each group by length band (`length // band`; random within a band), and shuffles the order of the
-    batches cut from it. Bands are wide on purpose: direct answers (one band) still share batches
-    across task families, while worked solutions, 3x longer, no longer make every batch pad to them.
+    Each epoch shuffles all rows (seed + epoch), cuts the order into groups of `group` global batches,
+    orders each group by length band (`length // band`; random within a band), and shuffles the order
+    of the full batches cut from it. Bands are wide on purpose: direct answers (one band) still share
+    batches across task families, while worked solutions, 3x longer, no longer make every batch pad to them.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, band: int = 32, group: int = 16) -> None:
-        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self.band, self.group = band, group
-        self.epoch = 0
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, band: int = 32, group: int = 16,
+                 rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(len(lengths), batch_size, seed, rank, world_size)
+        self.lengths, self.band, self.group = lengths, band, group
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
+    def global_batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
-        span = self.batch_size * self.group
+        order = torch.randperm(self.n, generator=g).tolist()
+        size = self.global_batch
         batches: list[list[int]] = []
-        for start in range(0, len(order), span):  # a stable sort keeps the shuffled order within a band
-            chunk = sorted(order[start:start + span], key=lambda i: self.lengths[i] // self.band)
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        full = [b for b in batches if len(b) == self.batch_size]  # a short batch goes last (drop_last drops it)
-        shuffled = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
-        return iter([i for b in shuffled + [b for b in batches if len(b) < self.batch_size] for i in b])
+        for start in range(0, self.n, size * self.group):  # a stable sort keeps the shuffled order within a band
+            chunk = sorted(order[start:start + size * self.group], key=lambda i: self.lengths[i] // self.band)
+            batches += [chunk[i:i + size] for i in range(0, len(chunk), size)]
+        full = [b for b in batches if len(b) == size]
+        return [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
 
 
-class HeldOutData(L.LightningDataModule):
+class HeldOutData(Resumable, L.LightningDataModule):
     """Base: rows encoded into `train_set` / `val_set` by `setup`, batched by the subclass's `collate`."""
 
     train_set: list
@@ -168,12 +253,14 @@ class HeldOutData(L.LightningDataModule):
     collate: Callable[[list], dict]
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
-                          collate_fn=self.collate, drop_last=True)
+        rank, world = data_parallel()
+        sampler = ShuffledSampler(len(self.train_set), self.batch_size, self.seed, rank, world).start(*self.resume_at())
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+                          drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate)
+        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=rank_share(self.val_set),
+                          collate_fn=self.collate)
 
 
 class ChatData(HeldOutData):
@@ -201,7 +288,9 @@ class ChatData(HeldOutData):
         self.train_set, self.val_set = self.encode(train), self.encode(val)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = LengthGroupedSampler([len(ids) for ids, _ in self.train_set], self.batch_size, self.seed)
+        rank, world = data_parallel()
+        sampler = LengthGroupedSampler([len(ids) for ids, _ in self.train_set], self.batch_size, self.seed,
+                                       rank=rank, world_size=world).start(*self.resume_at())
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
                           drop_last=True)
 
@@ -243,7 +332,7 @@ class PreferenceData(HeldOutData):
                 "response_mask": ((pos >= starts) & (pos < lengths)).float()}
 
 
-class PromptData(L.LightningDataModule):
+class PromptData(Resumable, L.LightningDataModule):
     """RL prompts drawn with replacement: `steps` batches of `batch_size` rows, one per RL iteration."""
 
     def __init__(self, data_dir: Path, batch_size: int, steps: int, seed: int) -> None:
@@ -256,7 +345,7 @@ class PromptData(L.LightningDataModule):
             raise ValueError(f"{self.data_dir}/rl_prompts.jsonl is empty: raise data.sizes.rl_prompts")
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        sampler = torch.utils.data.RandomSampler(self.rows, replacement=True,
-                                                 num_samples=self.steps * self.batch_size, generator=g)
+        rank, world = data_parallel()
+        sampler = DrawSampler(len(self.rows), self.steps * self.batch_size * world, self.batch_size, self.seed,
+                              rank, world).start(*self.resume_at())
         return DataLoader(self.rows, batch_size=self.batch_size, sampler=sampler, collate_fn=list)

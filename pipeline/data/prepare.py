@@ -1,8 +1,8 @@
 """The prepare stage: validate the data config, generate every split, write them atomically.
 
-Holds `prepare` (generation + writing + manifest + metrics), `SPLIT_FILES` and `load_split`; the
-config it validates first is `pipeline.data.data_config` (errors name the field and the fix, before
-anything touches the disk).
+Holds `prepare` (generation + writing + manifest + metrics), `SPLIT_FILES` and `load_split` (which refuses
+bad JSON, rows missing `REQUIRED_FIELDS` and empty splits, naming file and line); the config it validates
+first is `pipeline.data.data_config` (errors name the field and the fix, before anything touches the disk).
 
 Design choices:
 - Each split has its own `random.Random` seeded from (`seed`, split name), so changing one
@@ -24,7 +24,6 @@ Design choices:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import Counter
@@ -43,7 +42,7 @@ from pipeline.data.tasks import (
     sample_corruption, worked_solution,
 )
 from pipeline.data.world import World, build_world, fact_document, story_document
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, file_sha256
 
 SPLIT_FILES: dict[str, str] = {
     "pretrain": "pretrain.jsonl",
@@ -53,6 +52,14 @@ SPLIT_FILES: dict[str, str] = {
     "rl_prompts": "rl_prompts.jsonl",
     "eval": "eval.jsonl",
     "eval_hard": "eval_hard.jsonl",
+}
+# The fields each split's readers need (rows may carry more: generated rows record how they were made).
+_PROBLEM = frozenset({"prompt", "answer", "family", "key"})
+REQUIRED_FIELDS: dict[str, frozenset[str]] = {
+    "pretrain": frozenset({"text"}), "pretrain_val": frozenset({"text"}),
+    "sft": frozenset({"messages", "family", "key", "answer"}),
+    "preference": frozenset({"prompt", "chosen", "rejected", "corruption"}),
+    "rl_prompts": _PROBLEM, "eval": _PROBLEM, "eval_hard": _PROBLEM,
 }
 MANIFEST_FILE = "manifest.json"
 TRAIN_SPLITS: tuple[str, ...] = ("sft", "preference", "rl_prompts")
@@ -286,10 +293,6 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.utils.logging.enable_progress_bar()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def prepare(cfg: Any, out_dir: Path, progress: bool = True) -> dict[str, float | int]:
     """Validate `cfg`, write all splits and manifest.json into `out_dir`, return flat metrics."""
     config = validate_config(cfg)
@@ -315,7 +318,7 @@ def prepare(cfg: Any, out_dir: Path, progress: bool = True) -> dict[str, float |
         with _quiet_datasets(), atomic_dir(out_dir) as tmp:
             for split, rows in splits.items():
                 datasets.Dataset.from_list(rows).to_json(tmp / SPLIT_FILES[split], lines=True, force_ascii=False)
-            manifest = _manifest(config, splits, {f: _sha256(tmp / f) for f in SPLIT_FILES.values()})
+            manifest = _manifest(config, splits, {f: file_sha256(tmp / f) for f in SPLIT_FILES.values()})
             if sources:  # only then: an all-generated config keeps the manifest it always had
                 manifest["sources"] = {s: {**asdict(c), **counts[s]} for s, c in sources.items()}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -367,11 +370,38 @@ def _source_metrics(sources: dict[str, SourceConfig], counts: dict[str, dict[str
 
 
 def load_split(data_dir: Path, split: str) -> list[dict]:
-    """Read one split back as a list of row dicts (plain JSON Lines parsing; fast)."""
+    """Read one split back as a list of row dicts (plain JSON Lines parsing; fast).
+
+    Refuses, naming `file:line` and the fix, a line that is not JSON, a row without a field its readers
+    need (REQUIRED_FIELDS) and an empty split."""
     if split not in SPLIT_FILES:
         raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLIT_FILES)}")
     path = Path(data_dir) / SPLIT_FILES[split]
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the prepare stage first")
+    required = REQUIRED_FIELDS[split]
+    rows = []
     with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        try:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno}): the file is "
+                                     "damaged; rerun `dvc repro prepare`") from None
+                if not isinstance(row, dict) or not row.keys() >= required:
+                    missing = sorted(required - set(row)) if isinstance(row, dict) else sorted(required)
+                    raise ValueError(f"{path}:{n}: missing field {missing[0]!r} (rows of {split} need "
+                                     f"{', '.join(sorted(required))}): rerun `dvc repro prepare`")
+                rows.append(row)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err}): the file is damaged; rerun "
+                             "`dvc repro prepare`") from None
+    if not rows:
+        size, source = f"{split}_docs", ""
+        if not split.startswith("pretrain"):
+            size, source = split, f" (or fix data.sources.{split} if it reads the split from a hub or files)"
+        raise ValueError(f"{path} has no rows: raise data.sizes.{size}{source}, then rerun `dvc repro prepare`")
+    return rows

@@ -11,11 +11,12 @@ SFT puts loss on every `answer <|end|>` only; generation stops at `<|end|>`.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from pipeline.io import file_sha256
 
 ROLES = ("pad", "bos", "user", "assistant", "end")
 IGNORE_INDEX = -100
@@ -40,10 +41,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) 
                                   initial_alphabet=alphabet, min_frequency=2, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class ChatTokenizer:
@@ -74,7 +71,15 @@ class ChatTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run the `tokenizer` stage first (dvc repro tokenizer)")
-        return cls(Tokenizer.from_file(str(path)), list(special_tokens), file_sha256(path))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # the Rust library raises a bare Exception for any unreadable file
+            raise ValueError(f"{path} is not a readable tokenizer ({err}): rerun `dvc repro tokenizer`") from None
+        missing = [t for t in special_tokens if tok.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"{path} lacks the special tokens {missing} named in tokenizer.special_tokens: rerun "
+                             "`dvc repro tokenizer`, or set tokenizer.special_tokens to the tokens it was trained with")
+        return cls(tok, list(special_tokens), file_sha256(path))
 
     @property
     def vocab_size(self) -> int:

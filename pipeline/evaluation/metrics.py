@@ -28,7 +28,7 @@ from pipeline.data.tokenizer import IGNORE_INDEX, ChatTokenizer
 from pipeline.inference.prompting import FewShotPool, PromptTemplates, few_shot_prompt
 from pipeline.inference.sampling import SamplingConfig, generate
 from pipeline.model import GPT
-from pipeline.objectives.reward import ScalarHead
+from pipeline.objectives.reward_model import ScalarHead
 from pipeline.objectives.rollout import build_sequences, response_positions
 
 def mean(xs: list[float]) -> float:

@@ -56,6 +56,29 @@ class Objective(L.LightningModule):
         self._peak: float | None = None
         self.tokens_trained: int | torch.Tensor = 0
         """Tokens of every training batch this rank has seen (a device tensor, read once at the end)."""
+        self.nonfinite_loss: torch.Tensor | None = None
+        """True once a training loss was NaN/inf; read (one sync) by pipeline.resume.check_finite."""
+        self.generator: torch.Generator | None = None  # online RL samples from it (make_generator)
+        self._restored: dict = {}
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())  # stays on the device: no sync per step
+        self.nonfinite_loss = bad if self.nonfinite_loss is None else self.nonfinite_loss | bad
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        """The sampling generator, seeded; on resume, at the state the checkpoint recorded."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        if self._restored.get("generator") is not None:
+            g.set_state(self._restored.pop("generator"))
+        return g
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["objective"] = {"tokens_trained": int(self.tokens_trained),
+                                   "generator": self.generator.get_state() if self.generator is not None else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored = dict(checkpoint.get("objective") or {})
+        self.tokens_trained = self._restored.pop("tokens_trained", 0)
 
     def configure_optimizers(self):
         o = self.optim_cfg

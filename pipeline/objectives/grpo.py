@@ -67,14 +67,13 @@ class GRPO(Objective):
         self.automatic_optimization = False
         self.policy, self.reference, self.tok, self.cfg, self.seed = policy, reference, tok, cfg, seed
         reference.requires_grad_(False).eval()
-        self.generator: torch.Generator | None = None
 
     def configure_optimizers(self):
         self.reference.requires_grad_(False)
         return super().configure_optimizers()
 
     def on_train_start(self) -> None:
-        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.generator = self.make_generator(self.seed)
 
     def training_step(self, rows: list[dict], batch_idx: int) -> None:
         c = self.cfg

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.model import GPT
 from pipeline.objectives.base import Objective, lr_lambda
-from pipeline.objectives.reward import ScalarHead
+from pipeline.objectives.reward_model import ScalarHead
 from pipeline.objectives.rollout import (clipped_policy_loss, gae, group_centre, kl_penalty, manual_step, masked_mean,
                                          masked_whiten, minibatches, response_logprobs, response_positions,
                                          sample_rollout)
@@ -81,7 +81,6 @@ class PPO(Objective):
         for frozen in (reference, reward_model):
             frozen.requires_grad_(False).eval()
         self.tok, self.cfg, self.seed = tok, cfg, seed
-        self.generator: torch.Generator | None = None
         ak = cfg.get("adaptive_kl") or {}
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, ak["target"], ak["horizon"]) if ak.get("target") else None
 
@@ -99,8 +98,17 @@ class PPO(Objective):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, self.max_steps, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["objective"]["kl_coef"] = self.beta
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.kl_ctl:  # the adaptive coefficient where the killed run had moved it
+            self.kl_ctl.value = self._restored.pop("kl_coef", self.kl_ctl.value)
+
     def on_train_start(self) -> None:
-        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.generator = self.make_generator(self.seed)
 
     @torch.no_grad()
     def rollout(self, rows: list[dict]) -> dict:
