@@ -166,7 +166,8 @@ def test_a_hub_source_with_no_network_fails_fast_with_the_fix(tmp_path):
     done = subprocess.run([*NO_NETWORK, sys.executable, "-m", "pipeline", "stage=prepare", "experiment=micro",
                            *hub_eval], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode != 0 and time.monotonic() - start < 60
+    assert done.returncode == 2 and time.monotonic() - start < 60  # refused like any bad input, no traceback
+    assert "error in stage 'prepare'" in done.stderr and "Traceback" not in done.stderr
     assert "could not open the dataset" in done.stderr and "source: files" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "data" / "prepared").exists()
 

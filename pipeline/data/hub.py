@@ -290,9 +290,9 @@ def load_rows(split: str, cfg: SourceConfig) -> tuple[list[dict], dict[str, int]
             builder = _file_builder(cfg.data_files, f"data.sources.{split}")
             ds = datasets.load_dataset(builder, data_files=cfg.data_files, split=cfg.split, streaming=True)
     except Exception as e:  # offline hub, unknown id/config/split...: one message with the fix
-        raise RuntimeError(f"{where}: could not open the dataset ({type(e).__name__}: {e}). A hub source is "
-                           "streamed, so it needs the network (HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0); offline, "
-                           "point source: files at a local copy in the dataset's schema") from e
+        raise ValueError(f"{where}: could not open the dataset ({type(e).__name__}: {e}). A hub source is "
+                         "streamed, so it needs the network (HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0); offline, "
+                         "point source: files at a local copy in the dataset's schema") from e
     kind, adapt = ADAPTERS[cfg.adapter]
     rows: list[dict] = []
     counts = {"read": 0, "skipped": 0, "too_long": 0}
