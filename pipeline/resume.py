@@ -39,9 +39,8 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.io import file_sha256, write_json
-from pipeline.runner import global_rank
+from pipeline.runner import RESUME_ROOT, global_rank
 
-RESUME_ROOT = Path("outputs/resume")
 # what each stage reads, besides its config: the files whose bytes identify its inputs
 UPSTREAM = {"pretrain": (), "sft": ("pretrain",), "sft_control": ("pretrain",), "reward": ("sft",),
             "align": ("sft", "reward")}

@@ -21,6 +21,7 @@ from pipeline.validation import validate_stage
 
 STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "export", "evaluate", "report")
 METRICS_DIR = Path("metrics")
+RESUME_ROOT = Path("outputs/resume")  # a training stage's resume checkpoints (pipeline/resume.py), per stage
 
 
 def setup_environment(cfg: DictConfig) -> None:
@@ -86,7 +87,7 @@ def run_stage(name: str, cfg: DictConfig) -> dict:
 
 def forget_resume_state(name: str) -> None:
     """The stage's outputs are complete: its resume checkpoint (pipeline.resume) must not be reused."""
-    resume_dir = Path("outputs/resume") / name
+    resume_dir = RESUME_ROOT / name
     if resume_dir.is_dir():
         shutil.rmtree(resume_dir)
 
