@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 PARAMS_FILE = "params.yaml"
+CODE_DIRS = ("pipeline", "stages")  # what a run's code is, beside the config
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:
@@ -37,12 +39,31 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path = CONF_DI
     return cfg
 
 
-def git_commit(cwd: str | Path = ".") -> str:
+def _git(*args: str) -> str | None:
+    """stdout of `git <args>` in the project's repository, or None where git or the repository is missing."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        return None
+    return out.stdout.decode(errors="replace") if out.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """The commit the project's code is checked out at ("unknown" outside a git repository)."""
+    return (_git("rev-parse", "HEAD") or "").strip() or "unknown"
+
+
+def code_changes() -> str | None:
+    """A short hash of the code's uncommitted changes (tracked edits and new files under CODE_DIRS),
+    or None when the code is exactly the commit's. Config changes are not code: config_hash has them."""
+    diff = _git("diff", "HEAD", "--binary", "--", *CODE_DIRS)
+    new = _git("ls-files", "--others", "--exclude-standard", "--", *CODE_DIRS)
+    if not diff and not new:
+        return None
+    h = hashlib.sha256((diff or "").encode())
+    for name in sorted((new or "").splitlines()):
+        h.update(name.encode() + b"\0" + (PROJECT_ROOT / name).read_bytes())
+    return h.hexdigest()[:6]
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -52,8 +73,22 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def run_group(cfg: DictConfig) -> str:
-    """The W&B group (pipeline run id) shared by every stage of one pipeline run."""
-    if cfg.get("run") and cfg.run.get("group"):
-        return str(cfg.run.group)
-    return f"run-{git_commit()[:7]}-{config_hash(cfg)}"
+def run_identity(cfg: DictConfig) -> dict:
+    """Who made an output: the pipeline run id, the exact code and config, and the DVC experiment.
+
+    The run id is `run-<commit>-<config hash>` (plus `-dirty<hash>` when the code has uncommitted
+    changes), or `run.id` when set: equal for every stage of one `dvc repro`/`dvc exp run` of one
+    config, so the W&B group, checkpoint metadata, metrics files and report header all agree. DVC sets
+    DVC_EXP_NAME and DVC_EXP_BASELINE_REV for the stages of `dvc exp run`.
+    """
+    commit, changes, chash = git_commit(), code_changes(), config_hash(cfg)
+    derived = f"run-{commit[:7]}-{chash}" + (f"-dirty{changes}" if changes else "")
+    explicit = cfg.get("run", {}).get("id") if cfg.get("run") else None
+    return {"run_id": str(explicit) if explicit else derived, "git_commit": commit, "git_dirty": changes is not None,
+            "config_hash": chash, "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
+            "dvc_baseline": os.environ.get("DVC_EXP_BASELINE_REV")}
+
+
+def run_id(cfg: DictConfig) -> str:
+    """The pipeline run id (see run_identity): the W&B group shared by every stage of one run."""
+    return run_identity(cfg)["run_id"]

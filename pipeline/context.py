@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoint import TOKENIZER_FILE
-from pipeline.config import git_commit, run_group
+from pipeline.config import run_identity
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.model import GPT, GPTConfig
 
@@ -33,7 +33,7 @@ def gpt_config(cfg: DictConfig, tok: ChatTokenizer) -> GPTConfig:
 
 def checkpoint_meta(cfg: DictConfig, tok: ChatTokenizer, model: GPT, kind: str, **extra) -> dict:
     return {"kind": kind, "model": model.config.to_dict(), "tokenizer_sha256": tok.sha256,
-            "run_group": run_group(cfg), "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **run_identity(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "n_params": sum(p.numel() for p in model.parameters()), **extra}
 
 

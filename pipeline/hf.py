@@ -255,5 +255,5 @@ def export_checkpoint(name: str, out: str | Path, special_tokens: list[str], roo
     tok = ChatTokenizer.load(tokenizer_file, special_tokens)
     model, meta = load_gpt(name, tok.sha256, root)
     provenance = {"checkpoint": name, "tokenizer_sha256": tok.sha256,
-                  **{k: meta.get(k) for k in ("step", "run_group", "git_commit", "created")}}
+                  **{k: meta.get(k) for k in ("step", "run_id", "git_commit", "git_dirty", "created")}}
     return export_gpt2(model, tokenizer_file, special_tokens, out, provenance)

@@ -1,8 +1,10 @@
-"""Runs a stage by name: environment, seeding, the stage's `run(cfg)`, and its metrics file.
+"""Runs a stage by name: environment, validation, the stage's `run(cfg)`, its metrics file and its W&B run.
 
 Every way of starting a stage ends here: `python -m stages.<name>` (dvc repro), `python -m pipeline
 stage=<name>` (Hydra, single or multirun) and the tests. A stage module `stages/<name>.py` exposes
-`run(cfg) -> dict` returning flat metrics; this module writes them to `metrics/<name>.json`.
+`run(cfg) -> dict` returning flat metrics; this module adds the wall time and the pipeline run id
+(pipeline.config.run_identity), writes them to `metrics/<name>.json`, then closes the stage's W&B
+run with its metrics and artifact lineage (pipeline.tracking).
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.config import PROJECT_ROOT, load_params
+from pipeline.config import PROJECT_ROOT, load_params, run_id
 from pipeline.io import write_json
+from pipeline.tracking import close_stage_run
 from pipeline.validation import validate_stage
 
 STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "export", "evaluate", "report")
@@ -76,12 +79,17 @@ def run_stage(name: str, cfg: DictConfig) -> dict:
     validate_stage(name, cfg)  # bad config or inputs stop the stage here, before any work or output
     module = stage_module(name)
     start = time.time()
-    metrics = module.run(cfg)
+    try:
+        metrics = module.run(cfg)
+    except BaseException:
+        close_stage_run(cfg, name, None)  # a W&B run the stage opened ends as failed
+        raise
     if not any(isinstance(v, dict) for v in metrics.values()):  # evaluate's table stays {checkpoint: {...}}
-        metrics = {**metrics, "wall_time_s": round(time.time() - start, 2)}
+        metrics = {**metrics, "wall_time_s": round(time.time() - start, 2), "run_id": run_id(cfg)}
     if global_rank() == 0:  # under DDP/FSDP every rank runs the stage; one writes its metrics
         write_json(METRICS_DIR / f"{name}.json", metrics)
         forget_resume_state(name)
+        close_stage_run(cfg, name, metrics)  # summary, artifacts and lineage (pipeline.tracking)
     return metrics
 
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pipeline.config import git_commit, run_group
 
 CURVES_DIR = Path("metrics/curves")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
@@ -133,15 +132,10 @@ def build_logger(cfg: DictConfig, stage: str, run_id: str | None = None):
         raise ValueError(f"logger.name {lg.name!r} is unknown: choose wandb or none (conf/logger/)")
     from lightning.pytorch.loggers import WandbLogger
 
-    group = run_group(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config["git_commit"] = git_commit()
-    # absolute: W&B's service process keeps the working directory it started in (a sweep's first job)
-    save_dir = Path(lg.get("save_dir", ".")).resolve()
-    save_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=lg.project, entity=lg.get("entity"), group=group, job_type=stage,
-                       name=f"{stage}-{group}", save_dir=str(save_dir), config=config,
-                       log_model=False, id=run_id, resume="allow" if run_id else None)
+    from pipeline.tracking import wandb_init_kwargs
+    kwargs = wandb_init_kwargs(cfg, stage)
+    return WandbLogger(save_dir=kwargs.pop("dir"), log_model=False, id=run_id, resume="allow" if run_id else None,
+                       **kwargs)
 
 
 def build_trainer(cfg: DictConfig, stage: str, *, max_steps: int = -1, max_epochs: int | None = None,
@@ -236,12 +230,12 @@ def save_trained_gpt(trainer: L.Trainer, module: L.LightningModule, name: str, c
 
 def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: DictConfig, stage: str,
         validate: bool = True, **trainer_kwargs) -> tuple[L.Trainer, CurveRecorder, dict[str, float]]:
-    """Train `module` on `datamodule`, validate once more at the end, write curves, close the W&B run.
+    """Train `module` on `datamodule`, validate once more at the end, write curves.
 
     Checkpoints every `resume.every_n_steps` into `outputs/resume/<stage>/` and, when a killed run of
     the same config left one there, resumes from it (pipeline.resume); the runner removes it once the
-    stage has written its outputs. Returns the trainer, the recorded curves and the final validation
-    metrics ({} if `validate` is off).
+    stage has written its outputs, and finishes the stage's W&B run (pipeline.tracking). Returns the
+    trainer, the recorded curves and the final validation metrics ({} if `validate` is off).
     """
     from pipeline.resume import ResumeCheckpoint, ResumeState
     resume = ResumeState(cfg, stage)
@@ -264,12 +258,8 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: DictC
             final = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
         status = "success"
     finally:
-        for lg in trainer.loggers:
+        for lg in trainer.loggers:  # the W&B run stays open: the runner logs the stage's artifacts, then finishes it
             lg.finalize(status)
-        if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
-            import wandb
-            if wandb.run is not None:  # one W&B run per stage (and per multirun job)
-                wandb.finish(exit_code=0 if status == "success" else 1)
     if trainer.is_global_zero:
         curves.write()
     return trainer, curves, final

@@ -9,8 +9,8 @@ names the field (or the file and line) and the fix. Two groups, in this order:
 
 Checks that live beside the code they guard are called from here, not repeated: the data config
 (`pipeline.data.data_config`), data sources (`pipeline.data.hub`), align methods
-(`pipeline.objectives.methods`), prompt templates (`pipeline.inference.prompting`) and
-`model.init_from` (`pipeline.hf`). They are imported inside the functions: importing this module
+(`pipeline.objectives.methods`), prompt templates (`pipeline.inference.prompting`), W&B artifact
+logging (`pipeline.tracking`) and `model.init_from` (`pipeline.hf`). They are imported inside the functions: importing this module
 must stay cheap (no torch, no lightning), since every way of starting a stage imports it.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ def validate_stage(name: str, cfg: DictConfig) -> None:
 # ------------------------------------------------------------------ config fields
 
 def _config(name: str, cfg: DictConfig) -> None:
+    _logger(cfg)
     if name == "prepare":
         from pipeline.data.data_config import validate_config
         from pipeline.data.hub import sources_from_cfg
@@ -63,6 +64,16 @@ def _config(name: str, cfg: DictConfig) -> None:
     if name in TRAINING or name == "align":
         _trainer(cfg)
         _resume(cfg)
+
+
+def _logger(cfg: DictConfig) -> None:
+    """`logger`: every stage logs (pipeline.tracking), so a typo must stop the first one."""
+    logger = cfg.get("logger") or {}
+    if logger.get("name", "none") not in ("wandb", "none"):
+        raise ValueError(f"logger.name {logger.get('name')!r} is unknown: choose wandb or none (logger=wandb|none)")
+    if logger.get("name") == "wandb":
+        from pipeline.tracking import artifact_mode
+        artifact_mode(cfg)
 
 
 def _resume(cfg: DictConfig) -> None:

@@ -4,6 +4,8 @@ Checkpoints: pretrain, sft, sft_control (SFT trained further for as many steps a
 aligned (the configured method). The `verdict` entry answers the questions alignment is judged by:
 did it beat SFT and the same-compute control on exact match, did KL to SFT stay under the method's
 bound, and did the reward model's score rise while ground-truth accuracy fell (reward hacking)?
+Each checkpoint's row names the run that trained it (`run_id`, from its meta.json); the verdict's
+`run_id` is this evaluation's.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.checkpoint import load_gpt
+from pipeline.config import run_id
 from pipeline.context import DATA_DIR, load_tokenizer
 from pipeline.data.prepare import MANIFEST_FILE, load_split
 from pipeline.evaluation.metrics import PromptSet, evaluate_checkpoint
@@ -66,11 +69,12 @@ def run(cfg: DictConfig) -> dict:
     reward_model = load_reward_model(sft.config, tok.sha256).eval()
     results: dict[str, dict] = {}
     for name in CHECKPOINTS:
-        model, _ = load_gpt(name, tok.sha256)
+        model, meta = load_gpt(name, tok.sha256)
         torch.manual_seed(cfg.seed)
         results[name] = evaluate_checkpoint(model, tok, prompts, hard, reward_model, sft, e, cfg.seed)
         print(f"evaluate {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[name].items() if "/" not in k))
-    results["verdict"] = verdict(results, cfg.align.method, cfg.align.kl_bound)
+        results[name]["run_id"] = meta.get("run_id")  # the run that trained it: the code and config behind the row
+    results["verdict"] = {**verdict(results, cfg.align.method, cfg.align.kl_bound), "run_id": run_id(cfg)}
     print("evaluate verdict: " + ", ".join(f"{k}={v}" for k, v in results["verdict"].items()))
     return results
 

@@ -10,8 +10,8 @@ from pipeline.context import gpt_config, load_tokenizer, mean_of
 from pipeline.data.datamodules import PretrainData
 from pipeline.hf import check_imported_tokenizer, init_source, load_gpt2_weights
 from pipeline.model import GPT
-from pipeline.objectives.base import validate_optim
 from pipeline.objectives.lm import LanguageModeling
+from pipeline.objectives.optim_config import validate_optim
 from pipeline.runner import main
 from pipeline.train import fit, prepare_model, save_trained_gpt
 

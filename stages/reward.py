@@ -11,8 +11,8 @@ from rich.progress import track
 from pipeline.checkpoint import load_gpt, save_checkpoint
 from pipeline.context import DATA_DIR, checkpoint_meta, load_tokenizer
 from pipeline.data.datamodules import PreferenceData
-from pipeline.objectives.base import validate_optim
 from pipeline.data.prepare import load_split
+from pipeline.objectives.optim_config import validate_optim
 from pipeline.objectives.reward import RewardModeling
 from pipeline.objectives.reward_model import ScalarHead, on_policy_pairs
 from pipeline.runner import main

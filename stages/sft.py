@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from pipeline.checkpoint import load_gpt
 from pipeline.context import DATA_DIR, load_tokenizer, mean_of
 from pipeline.data.datamodules import ChatData
-from pipeline.objectives.base import validate_optim
+from pipeline.objectives.optim_config import validate_optim
 from pipeline.objectives.sft import SupervisedFinetuning
 from pipeline.runner import main
 from pipeline.train import fit, prepare_model, save_trained_gpt

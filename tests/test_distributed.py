@@ -133,6 +133,9 @@ def test_multirun_gives_each_job_its_directory_wandb_run_and_metrics(workspace):
         assert len(runs) == 1, runs
         info = run_info(runs[0])
         assert info["job_type"] == "pretrain"
+        # the job's own checkpoint (not the workspace's), made from the workspace's tokenizer and tokens
+        assert [a["name"] for a in info["made"]] == ["pretrain"] and {a["name"] for a in info["used"]} == {
+            "tokenizer", "tokens"}
         lrs.append(info["config"]["pretrain"]["optim"]["lr"])
         assert info["last"]["val/loss"] == pytest.approx(metrics["val_loss"], rel=1e-4)
     assert lrs == [1e-3, 1e-2] and losses[0] != losses[1]

@@ -15,7 +15,6 @@ import pytest
 from conftest import dvc, venv_env
 from wandb_records import run_info
 
-TRAINING_STAGES = {"pretrain", "sft", "reward", "align", "sft_control"}
 ALL_STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "export", "evaluate",
               "report")
 
@@ -41,17 +40,22 @@ def test_repro_runs_every_stage_and_writes_metrics(micro_repo):
 
 
 @pytest.mark.slow
-def test_wandb_has_one_offline_run_per_training_stage_in_one_group(micro_repo):
-    """One run per training stage; pretrain and align were killed and resumed (conftest.KILLS), so
-    their run has two offline directories (the killed process's may lack its records)."""
+def test_wandb_has_one_offline_run_per_stage_in_one_group(micro_repo):
+    """One run per stage, grouped by the pipeline run id; pretrain and align were killed and resumed
+    (conftest.KILLS), so their run has two offline directories (the killed process's may lack its records)."""
     runs = [run_info(d) for d in sorted((micro_repo / "wandb").glob("offline-run-*"))]
     runs = [r for r in runs if "job_type" in r]
-    assert {r["job_type"] for r in runs} == TRAINING_STAGES
-    assert len({r["run_id"] for r in runs}) == len(TRAINING_STAGES)
+    assert {r["job_type"] for r in runs} == set(ALL_STAGES)
+    assert len({r["run_id"] for r in runs}) == len(ALL_STAGES)
     assert len({r["group"] for r in runs}) == 1
     by_stage = {r["job_type"]: r for r in runs}
     assert "train/loss" in by_stage["pretrain"]["history_keys"] and "val/loss" in by_stage["pretrain"]["history_keys"]
     assert "objective/kl" in by_stage["align"]["history_keys"]
+    # the stage's metrics file, as written, is the run's summary (evaluate's table flattened to checkpoint/metric)
+    sft = json.loads((micro_repo / "metrics" / "sft.json").read_text())
+    assert {k: by_stage["sft"]["summary"][k] for k in sft} == sft
+    table = json.loads((micro_repo / "metrics" / "evaluate.json").read_text())
+    assert by_stage["evaluate"]["summary"]["aligned/exact_match"] == table["aligned"]["exact_match"]
 
 
 @pytest.mark.slow

@@ -29,11 +29,12 @@ def synthetic_evaluate() -> dict:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
-    """A working directory holding a copy of metrics/ with device and tokens on the training stages."""
+    """A working directory holding a copy of metrics/ with device, tokens and a run id on the training stages."""
     shutil.copytree(REPO / "metrics", tmp_path / "metrics")
     for i, stage in enumerate(("pretrain", "sft", "reward", "align", "sft_control")):
         path = tmp_path / "metrics" / f"{stage}.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "device": DEVICE, "tokens": 1000 * (i + 1)}))
+        path.write_text(json.dumps({**json.loads(path.read_text()), "device": DEVICE, "tokens": 1000 * (i + 1),
+                                    "run_id": f"run-{i}abcdef-0123abcd"}))
     (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps(synthetic_evaluate()))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -44,12 +45,13 @@ def run_report() -> dict:
     return run_stage("report", compose_micro())
 
 
-def test_header_has_device_wall_time_and_tokens_per_stage(workdir):
+def test_header_has_run_device_wall_time_and_tokens_per_stage(workdir):
     run_report()
     report = Path("reports/report.md").read_text()
     sft = json.loads(Path("metrics/sft.json").read_text())
-    assert "| stage | device | wall time (s) | tokens | tokens/s |" in report
-    assert f"| sft | {DEVICE} | {sft['wall_time_s']:.4g} | 2,000 | {2000 / sft['wall_time_s']:,.0f} |" in report
+    assert "| stage | run | device | wall time (s) | tokens | tokens/s |" in report
+    assert (f"| sft | {sft['run_id']} | {DEVICE} | {sft['wall_time_s']:.4g} | 2,000 | "
+            f"{2000 / sft['wall_time_s']:,.0f} |") in report
     assert "align `ppo`" in report and "strategy `auto`" in report
 
 

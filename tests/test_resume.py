@@ -20,11 +20,13 @@ from pipeline.io import file_sha256
 from wandb_records import run_info
 
 TIMING = {"wall_time_s", "tokens_per_sec", "mfu"}  # measured, not computed: differ between any two runs
+# the reference run is in-process, from this checkout (another commit, another config): another run id
+NOT_COMPARED = TIMING | {"run_id"}
 
 
 def same_metrics(got: dict, want: dict) -> None:
     assert set(got) == set(want)
-    for key in set(want) - TIMING:
+    for key in set(want) - NOT_COMPARED:
         if isinstance(want[key], float):
             assert got[key] == pytest.approx(want[key], abs=1e-4), key
         else:

@@ -115,5 +115,5 @@ def test_training_stages_record_their_device_and_tokens(in_chain):
         assert m["device"].startswith("cpu (") and m["tokens"] > 0, (stage, m.get("device"), m.get("tokens"))
     assert metrics("pretrain")["tokens"] == metrics("pretrain")["tokens_seen"]  # fixed-size windows: every token
     report = Path("reports/report.md").read_text()
-    assert f"| pretrain | {metrics('pretrain')['device']} |" in report
+    assert f"| pretrain | {metrics('pretrain')['run_id']} | {metrics('pretrain')['device']} |" in report
     assert all(Path(f"reports/figures/{n}.png").is_file() for n in ("loss_curves", "accuracy", "alignment"))

@@ -1,11 +1,14 @@
-"""The team workflow with real DVC and git: a run pushed to the DVC remote and pulled into a fresh clone
-instead of retrained, and experiments shared through a git remote.
+"""The team workflow with real DVC, git and W&B files: a run pushed to the DVC remote and pulled into a
+fresh clone instead of retrained, experiments shared through a git remote, W&B artifact lineage from
+the data to the aligned model, and one run identity in every place a number can be traced from.
 
-Each test works on its own copy of the `micro_repo` fixture (the micro chain after `dvc repro`), with
-the run committed as a teammate would commit it.
+The slow tests read the `micro_repo` fixture (the micro chain after `dvc repro`); those that push,
+pull or run experiments work on their own copy of it, with the run committed as a teammate would.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import shutil
@@ -16,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import REPO, venv_env
+from wandb_records import run_info
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                 "GIT_COMMITTER_EMAIL": "t@t"}
@@ -65,11 +69,12 @@ def test_the_default_remote_is_per_user_and_the_registry_names_every_checkpoint(
     conf = ConfigObj(str(REPO / ".dvc" / "config"))
     assert conf[f'remote "{conf["core"]["remote"]}"']["url"] == "~/.cache/gpt-pipeline/dvc-remote"
     registry = yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"]
-    assert {a["path"] for a in registry.values()} == {f"artifacts/{d}" for d in (
-        "tokenizer", "pretrain", "sft", "reward", "aligned", "sft_control", "export")}
+    assert {a["path"] for a in registry.values()} == {"data/prepared", "data/tokens", *(f"artifacts/{d}" for d in (
+        "tokenizer", "pretrain", "sft", "reward", "aligned", "sft_control", "export"))}
     assert {a["path"] for a in registry.values()} <= set(declared_outs(REPO))
     for name, artifact in registry.items():
-        assert artifact["type"] == "model" and artifact["desc"] and artifact["labels"], name
+        kind = "dataset" if artifact["path"].startswith("data/") else "model"
+        assert artifact["type"] == kind and artifact["desc"] and artifact["labels"], name
         assert all(NAME.fullmatch(word) for word in (name, *artifact["labels"])), (name, artifact["labels"])
 
 
@@ -101,8 +106,11 @@ def test_a_fresh_clone_pulls_the_run_from_the_default_remote_instead_of_retraini
     (theirs / "metrics" / "evaluate.json").unlink()
     monkeypatch.chdir(theirs)
     run_stage("evaluate", load_params(theirs / "params.yaml"))
-    assert (json.loads((theirs / "metrics" / "evaluate.json").read_text())
-            == json.loads((ours / "metrics" / "evaluate.json").read_text()))
+    again, committed = (json.loads((repo / "metrics" / "evaluate.json").read_text()) for repo in (theirs, ours))
+    # the same numbers, and each row still names the run that trained its checkpoint (the verdict's run
+    # id is this evaluation's: this checkout's code, run in-process)
+    del again["verdict"]["run_id"], committed["verdict"]["run_id"]
+    assert again == committed
 
 
 @pytest.mark.slow
@@ -140,6 +148,134 @@ def test_experiments_pushed_to_a_git_remote_show_with_their_metrics_in_another_c
     assert table["few-4"] == json.loads((ours / "metrics" / "evaluate.json").read_text())  # as run in ours
     assert table["few-4"]["sft"]["val_loss"] != table["all-16"]["sft"]["val_loss"]
 
+    # few-4's evaluate and report ran as run-<the baseline commit>-<its config hash>, named after the experiment
+    few = table["few-4"]["verdict"]["run_id"]
+    assert re.fullmatch(rf"run-{git(ours, 'rev-parse', 'HEAD')[:7]}-[0-9a-f]{{8}}", few), few
+    assert few != table["all-16"]["verdict"]["run_id"]
+    assert shown["few-4"]["metrics"]["metrics/report.json"]["data"]["run_id"] == few
+    wandb_runs = [run_info(d) for d in (ours / "wandb").glob("offline-run-*")]
+    assert sorted((r["job_type"], r["group"]) for r in wandb_runs) == [("evaluate", few), ("report", few)]
+    for r in wandb_runs:
+        assert r["config"]["pipeline_run"]["dvc_experiment"] == "few-4" and r["tags"] == ["dvc-exp:few-4"]
+
     sh(theirs, "dvc", "exp", "apply", "few-4")
     assert (theirs / "artifacts" / "aligned" / "model.safetensors").is_file()
     assert json.loads((theirs / "metrics" / "evaluate.json").read_text()) == table["few-4"]
+    assert f"`{few}`" in (theirs / "reports" / "report.md").read_text().splitlines()[2]
+    assert "DVC experiment `few-4`" in (theirs / "reports" / "report.md").read_text().splitlines()[2]
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, env=venv_env(**GIT_IDENTITY), capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_the_run_id_names_the_commit_the_config_and_any_uncommitted_code(tmp_path, monkeypatch):
+    """In a real git repo: the id is run-<commit>-<config hash>, equal for every stage of one config; an
+    uncommitted edit or new file under pipeline/ or stages/ adds a hash of the change (another edit,
+    another hash), a config file does not (the config hash has it); `run.id` and DVC's experiment win."""
+    from omegaconf import OmegaConf
+
+    import pipeline.config as config
+
+    repo = tmp_path / "repo"
+    for name, text in {"pipeline/a.py": "x = 1\n", "stages/b.py": "y = 2\n", "conf/c.yaml": "z: 3\n"}.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    git(repo.parent, "init", "-q", str(repo))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "one")
+    monkeypatch.setattr(config, "PROJECT_ROOT", repo)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    cfg = OmegaConf.create({"seed": 1, "stage": "pretrain", "run": {"id": None}})
+    commit = git(repo, "rev-parse", "HEAD")
+    clean = config.run_identity(cfg)
+    assert clean["run_id"] == f"run-{commit[:7]}-{config.config_hash(cfg)}" and clean["git_commit"] == commit
+    assert not clean["git_dirty"] and clean["dvc_experiment"] is None
+    assert config.run_id(OmegaConf.merge(cfg, {"stage": "evaluate"})) == clean["run_id"]  # every stage of the run
+    assert config.run_id(OmegaConf.merge(cfg, {"seed": 2})) != clean["run_id"]
+
+    (repo / "conf" / "c.yaml").write_text("z: 4\n")
+    assert config.run_id(cfg) == clean["run_id"]
+    (repo / "pipeline" / "a.py").write_text("x = 5\n")
+    edited = config.run_identity(cfg)
+    assert edited["git_dirty"] and re.fullmatch(re.escape(clean["run_id"]) + r"-dirty[0-9a-f]{6}", edited["run_id"])
+    (repo / "pipeline" / "a.py").write_text("x = 6\n")
+    assert config.run_id(cfg) not in (clean["run_id"], edited["run_id"])
+    (repo / "pipeline" / "a.py").write_text("x = 1\n")
+    assert config.run_id(cfg) == clean["run_id"]
+    (repo / "stages" / "new.py").write_text("w = 0\n")
+    assert config.run_identity(cfg)["git_dirty"]
+    (repo / "stages" / "new.py").unlink()
+
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-3e-4")
+    assert config.run_identity(cfg)["dvc_experiment"] == "lr-3e-4"
+    assert config.run_id(OmegaConf.merge(cfg, {"run": {"id": "baseline-v2"}})) == "baseline-v2"
+
+
+def test_lineage_follows_the_deps_and_outputs_in_dvc_yaml():
+    """Each stage uses the registered objects its deps lie under and makes those its outputs lie under,
+    which chains data -> tokenizer -> pretrain -> sft -> reward -> aligned -> evaluation -> report."""
+    from pipeline.tracking import artifact_mode, stage_lineage
+
+    lineage = {stage: tuple([a.name for a in side] for side in stage_lineage(stage)) for stage in STAGES}
+    assert lineage["prepare"] == ([], ["prepared-data"])
+    assert lineage["tokenizer"] == (["prepared-data"], ["tokens", "tokenizer"])
+    assert lineage["pretrain"] == (["tokens", "tokenizer"], ["pretrain"])
+    assert "pretrain" in lineage["sft"][0] and lineage["sft"][1] == ["sft"]
+    assert {"sft", "reward"} <= set(lineage["align"][0]) and lineage["align"][1] == ["aligned"]
+    assert {"pretrain", "sft", "sft_control", "aligned", "reward"} <= set(lineage["evaluate"][0])
+    assert lineage["evaluate"][1] == ["evaluation"] and lineage["report"] == (["evaluation"], ["report"])
+    with pytest.raises(ValueError, match="logger.artifacts 'copy' is unknown: choose one of reference, files, none"):
+        artifact_mode({"logger": {"name": "wandb", "artifacts": "copy"}})
+
+
+def md5_b64(path: Path) -> str:
+    return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+
+
+@pytest.mark.slow
+def test_wandb_files_record_the_lineage_from_data_to_the_aligned_model(micro_repo):
+    """Read back from the offline run files with wandb's own protobufs: each object was logged once, by the
+    stage that made it, holding the MD5 of each of its files as DVC has them; each stage logged the use
+    of exactly the versions (digests) its inputs were made with; and following the uses back from the
+    aligned model reaches the prepared data through the reward model, SFT, pretraining and the tokenizer.
+    Every artifact, W&B run, metrics file, checkpoint and the report carry the same run id and commit."""
+    runs = [run_info(d) for d in sorted((micro_repo / "wandb").glob("offline-run-*"))]
+    runs = {r["job_type"]: r for r in runs if r["made"]}  # a killed run's directory has no artifact records
+    made = {a["name"]: (stage, a) for stage, r in runs.items() for a in r["made"] if "table" not in a["name"]}
+    assert sorted(made) == sorted(["prepared-data", "tokens", "tokenizer", "pretrain", "sft", "reward", "aligned",
+                                   "sft_control", "export", "evaluation", "report"])
+    for name in ("tokenizer", "pretrain", "sft", "reward", "aligned"):
+        stage, artifact = made[name]
+        folder = micro_repo / "artifacts" / name
+        assert artifact["files"] == {p.name: md5_b64(p) for p in folder.iterdir()}, name
+
+    def inputs(name: str) -> set[str]:
+        stage, _ = made[name]
+        for used in runs[stage]["used"]:  # the use points at the very version its producer logged
+            assert used["digest"] == made[used["name"]][1]["digest"], (stage, used["name"])
+        return {u["name"] for u in runs[stage]["used"]}
+
+    assert inputs("aligned") >= {"sft", "reward"}
+    assert inputs("reward") >= {"sft"} and inputs("sft") >= {"pretrain"}
+    assert inputs("pretrain") == {"tokenizer", "tokens"} and inputs("tokenizer") == {"prepared-data"}
+    assert inputs("prepared-data") == set() and made["prepared-data"][0] == "prepare"
+    assert inputs("report") == {"evaluation"} and "aligned" in inputs("evaluation")
+
+    run_id = json.loads((micro_repo / "metrics" / "report.json").read_text())["run_id"]
+    commit = git(micro_repo, "rev-parse", "HEAD")
+    assert re.fullmatch(rf"run-{commit[:7]}-[0-9a-f]{{8}}", run_id), run_id
+    for stage, r in runs.items():
+        assert r["group"] == run_id and r["config"]["pipeline_run"]["git_commit"] == commit, stage
+        for artifact in r["made"]:
+            if "table" not in artifact["name"]:
+                assert run_id in artifact["aliases"] and artifact["metadata"]["git_commit"] == commit
+    for stage in STAGES[:-1]:
+        metrics = json.loads((micro_repo / "metrics" / f"{stage}.json").read_text())
+        assert (metrics["verdict"] if stage == "evaluate" else metrics)["run_id"] == run_id, stage
+    for name in ("pretrain", "sft", "reward", "aligned", "sft_control"):
+        meta = json.loads((micro_repo / "artifacts" / name / "meta.json").read_text())
+        assert (meta["run_id"], meta["git_commit"], meta["git_dirty"]) == (run_id, commit, False), name
+    header = (micro_repo / "reports" / "report.md").read_text().splitlines()[2]
+    assert f"`{run_id}`, git commit `{commit[:12]}`" in header, header

@@ -46,17 +46,28 @@ def read_records(path: str | Path) -> list[pb.Record]:
 
 
 def run_info(run_dir: str | Path) -> dict:
-    """group, job_type, run id, config, history keys and the last logged value of each key, of one
-    offline run directory."""
+    """group, job_type, run id, tags, config, summary, history keys and the last logged value of each key,
+    and the artifacts logged (`made`) and used (`used`: logged with use_after_commit, see
+    pipeline/tracking.py), each {name, type, digest, aliases, metadata}, of one offline run directory."""
     (path,) = Path(run_dir).glob("run-*.wandb")
-    info: dict = {"history_keys": set(), "config": {}, "last": {}}
+    info: dict = {"history_keys": set(), "config": {}, "last": {}, "summary": {}, "made": [], "used": []}
     for rec in read_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            info.update(group=rec.run.run_group, job_type=rec.run.job_type, run_id=rec.run.run_id)
+            info.update(group=rec.run.run_group, job_type=rec.run.job_type, run_id=rec.run.run_id,
+                        tags=list(rec.run.tags))
             info["config"].update({item.key: json.loads(item.value_json) for item in rec.run.config.update})
         elif kind == "config":
             info["config"].update({item.key: json.loads(item.value_json) for item in rec.config.update})
+        elif kind == "summary":
+            info["summary"].update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                    for item in rec.summary.update})
+        elif kind == "artifact":
+            a = rec.artifact
+            info["used" if a.use_after_commit else "made"].append(
+                {"name": a.name, "type": a.type, "digest": a.digest, "aliases": list(a.aliases),
+                 "metadata": json.loads(a.metadata) if a.metadata else {},
+                 "files": {entry.path: entry.digest for entry in a.manifest.contents}})
         elif kind == "history":
             for item in rec.history.item:
                 key = item.key or "/".join(item.nested_key)

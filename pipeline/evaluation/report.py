@@ -14,14 +14,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.config import git_commit, run_group
+from pipeline.config import run_identity
 from pipeline.evaluation import figures
 from pipeline.io import atomic_dir, write_json
 
 STAGE_ORDER = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "evaluate")
 TABLE_METRICS = ("val_loss", "perplexity", "exact_match", "exact_match_fewshot", "exact_match_cot",
                  "exact_match_hard", "exact_match_fewshot_hard", "exact_match_cot_hard", "fewshot_shots",
-                 "exact_match_sampled", "reward", "reward_greedy", "kl_to_sft", "response_length", "eos_rate")
+                 "exact_match_sampled", "reward", "reward_greedy", "kl_to_sft", "response_length", "eos_rate", "run_id")
 # name in reports/figures/ -> what the report says it shows
 FIGURES = {
     "loss_curves": "Training curves: loss per optimizer step for each training stage (train and validation); "
@@ -70,15 +70,16 @@ def load_stages(metrics_dir: Path) -> dict[str, dict]:
 
 
 def stage_table(stages: dict[str, dict]) -> list[str]:
-    """Per stage: the device it trained on, wall time, tokens trained on and tokens per wall-clock second."""
-    lines = ["| stage | device | wall time (s) | tokens | tokens/s |", "|---|---|---:|---:|---:|"]
+    """Per stage: the run that produced its outputs, the device it trained on, wall time, tokens trained
+    on and tokens per wall-clock second."""
+    lines = ["| stage | run | device | wall time (s) | tokens | tokens/s |", "|---|---|---|---:|---:|---:|"]
     for stage, m in stages.items():
         if stage == "evaluate":  # its metrics are the per-checkpoint table, not one stage's numbers
             continue
         wall, tokens = m.get("wall_time_s"), m.get("tokens", m.get("tokens_seen"))
         rate = f"{tokens / wall:,.0f}" if tokens and wall else ""
-        lines.append(f"| {stage} | {m.get('device', '')} | {fmt(wall) if wall is not None else ''} | "
-                     f"{f'{tokens:,}' if tokens is not None else ''} | {rate} |")
+        lines.append(f"| {stage} | {m.get('run_id', '')} | {m.get('device', '')} | "
+                     f"{fmt(wall) if wall is not None else ''} | {f'{tokens:,}' if tokens is not None else ''} | {rate} |")
     return lines
 
 
@@ -86,14 +87,21 @@ def render(cfg: DictConfig, stages: dict[str, dict], figure_names: list[str] | t
     """The report's Markdown; `figure_names` are the PNGs written to reports/figures/ (linked relatively)."""
     choices = {g: cfg.get(g, {}).get("name", "") for g in ("strategy", "logger")}
     m = cfg.model
+    run = run_identity(cfg)
+    code = " with uncommitted code changes" if run["git_dirty"] else ""
+    experiment = f", DVC experiment `{run['dvc_experiment']}`" if run["dvc_experiment"] else ""
     lines = [
         "# GPT lifecycle report", "",
-        f"- run: `{run_group(cfg)}`, git commit `{git_commit()[:12]}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        f"- run: `{run['run_id']}`, git commit `{run['git_commit'][:12]}`{code}{experiment}, config hash "
+        f"`{run['config_hash']}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}",
         f"- model: {m.n_layer} layers x {m.n_head} heads x {m.n_embd} wide, block {m.block_size}, "
         f"{m.pos_encoding} positions; trainer `{cfg.trainer.accelerator}` ({cfg.trainer.precision}, "
         f"devices {cfg.trainer.devices}), strategy `{choices['strategy']}`, logger `{choices['logger']}`, "
         f"align `{cfg.align.method}`", "",
         *stage_table(stages), "",
+        "`run`: the pipeline run that produced the stage's outputs (`run-<git commit>-<config hash>`; a stage "
+        "DVC found up to date keeps the run that last produced it). Checkpoints, W&B runs (their group) and "
+        "W&B artifacts carry the same id.", "",
         "`tokens`: the tokens of every training batch, as each objective counts them for its throughput "
         "(pretraining every position, SFT the answer tokens its loss is on, reward model and DPO every "
         "position of the pair batches, PPO and GRPO the prompt and sampled tokens of each rollout); "
@@ -114,7 +122,8 @@ def render(cfg: DictConfig, stages: dict[str, dict], figure_names: list[str] | t
         "them fit on average); `_cot`: asked to think step by step, graded on the answer after the reply's "
         "last `Answer:`; `_hard`: operands with more digits than any training problem; `reward` and `kl_to_sft` (nats per response) are measured on "
         "responses sampled at temperature 1, the two terms of the RLHF objective; `reward_greedy` scores the greedy answers. "
-        "`sft_control` is SFT trained further for as many optimizer steps as alignment gave the policy.",
+        "`sft_control` is SFT trained further for as many optimizer steps as alignment gave the policy. "
+        "`run_id`: the run that trained the checkpoint (its meta.json).",
         "", *verdict_lines(stages["evaluate"].get("verdict")), "## Stages", "",
     ]
     for stage, vals in stages.items():
@@ -150,4 +159,4 @@ def write_report(cfg: DictConfig, metrics_dir: Path, reports_dir: Path) -> dict:
     tmp = report.with_name(f".{report.name}.tmp-{os.getpid()}")
     tmp.write_text(text + "\n")
     os.replace(tmp, report)
-    return {"report_lines": text.count("\n") + 1, "figures": len(drawn)}
+    return {"report_lines": text.count("\n") + 1, "figures": len(drawn), "git_commit": run_identity(cfg)["git_commit"]}

@@ -30,15 +30,6 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
     return f
 
 
-def validate_optim(optim: DictConfig, where: str) -> None:
-    if not optim.lr > 0:
-        raise ValueError(f"{where}.optim.lr must be positive, got {optim.lr}")
-    if not 0 <= optim.min_lr_ratio <= 1:
-        raise ValueError(f"{where}.optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
-    if optim.warmup_steps < 0 or optim.weight_decay < 0:
-        raise ValueError(f"{where}.optim.warmup_steps and weight_decay must be >= 0")
-
-
 class Objective(L.LightningModule):
     """Base: optimizer + schedule from an `optim` config subtree, throughput and MFU, FSDP2 sharding."""
 

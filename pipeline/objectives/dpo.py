@@ -21,20 +21,6 @@ from pipeline.objectives.base import Objective
 from pipeline.objectives.rollout import sequence_logprobs
 
 
-def validate_dpo(cfg: DictConfig) -> None:
-    for name in ("steps", "batch_size"):
-        if int(cfg[name]) <= 0:
-            raise ValueError(f"align.{name} must be positive, got {cfg[name]}")
-    if not cfg.beta > 0:
-        raise ValueError(f"align.beta must be positive, got {cfg.beta}: e.g. 0.1")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise ValueError(f"align.label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
-
-
-def policy_updates(cfg: DictConfig) -> int:
-    return int(cfg.steps)
-
-
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """The sigmoid DPO loss per pair and the implicit rewards (all (B,)).

@@ -21,27 +21,9 @@ from pipeline.data.tasks import check
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.model import GPT
 from pipeline.objectives.base import Objective
+from pipeline.objectives.methods import grpo_policy_updates
 from pipeline.objectives.rollout import (clipped_policy_loss, kl_penalty, manual_step, masked_mean, minibatches,
                                          response_logprobs, sample_rollout)
-
-
-def validate_grpo(cfg: DictConfig) -> None:
-    for name in ("steps", "rollout_batch", "group_size", "epochs", "minibatch_size", "max_new_tokens"):
-        if int(cfg[name]) <= 0:
-            raise ValueError(f"align.{name} must be positive, got {cfg[name]}")
-    if cfg.group_size < 2:
-        raise ValueError(f"align.group_size must be >= 2 (advantages are relative to the group), got {cfg.group_size}")
-    if cfg.minibatch_size > cfg.rollout_batch * cfg.group_size:
-        raise ValueError(f"align.minibatch_size ({cfg.minibatch_size}) must be <= align.rollout_batch x "
-                         f"align.group_size ({cfg.rollout_batch * cfg.group_size})")
-    if not cfg.temperature > 0:
-        raise ValueError(f"align.temperature must be positive for sampling, got {cfg.temperature}")
-    if cfg.kl_coef < 0 or not 0 < cfg.cliprange < 1:
-        raise ValueError("align.kl_coef must be >= 0 and align.cliprange in (0, 1)")
-
-
-def policy_updates(cfg: DictConfig) -> int:
-    return cfg.steps * cfg.epochs * -(-cfg.rollout_batch * cfg.group_size // cfg.minibatch_size)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool, eps: float = 1e-4) -> torch.Tensor:
@@ -63,7 +45,7 @@ class GRPO(Objective):
     """Trains `policy`; `reference` (used only when kl_coef > 0) stays frozen."""
 
     def __init__(self, policy: GPT, reference: GPT, tok: ChatTokenizer, cfg: DictConfig, seed: int) -> None:
-        super().__init__(cfg.optim, policy_updates(cfg))
+        super().__init__(cfg.optim, grpo_policy_updates(cfg))
         self.automatic_optimization = False
         self.policy, self.reference, self.tok, self.cfg, self.seed = policy, reference, tok, cfg, seed
         reference.requires_grad_(False).eval()

@@ -23,30 +23,11 @@ from omegaconf import DictConfig
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.model import GPT
 from pipeline.objectives.base import Objective, lr_lambda
+from pipeline.objectives.methods import ppo_policy_updates
 from pipeline.objectives.reward_model import ScalarHead
 from pipeline.objectives.rollout import (clipped_policy_loss, gae, group_centre, kl_penalty, manual_step, masked_mean,
                                          masked_whiten, minibatches, response_logprobs, response_positions,
                                          sample_rollout)
-
-
-def validate_ppo(cfg: DictConfig) -> None:
-    for name in ("steps", "rollout_batch", "samples_per_prompt", "ppo_epochs", "minibatch_size", "max_new_tokens"):
-        if int(cfg[name]) <= 0:
-            raise ValueError(f"align.{name} must be positive, got {cfg[name]}")
-    if cfg.critic_warmup < 0 or not cfg.critic_lr > 0:
-        raise ValueError("align.critic_warmup must be >= 0 and align.critic_lr positive")
-    if cfg.minibatch_size > cfg.rollout_batch * cfg.samples_per_prompt:
-        raise ValueError(f"align.minibatch_size ({cfg.minibatch_size}) must be <= align.rollout_batch x "
-                         f"align.samples_per_prompt ({cfg.rollout_batch * cfg.samples_per_prompt})")
-    ak = cfg.get("adaptive_kl") or {}
-    if ak.get("target") is not None and not (ak["target"] > 0 and ak.get("horizon", 0) > 0):
-        raise ValueError("align.adaptive_kl.target and align.adaptive_kl.horizon must be positive (target: null = fixed kl_coef)")
-    if cfg.kl_estimator not in ("k1", "k3"):
-        raise ValueError(f"align.kl_estimator {cfg.kl_estimator!r} is unknown: choose k1 or k3")
-    if not cfg.temperature > 0:
-        raise ValueError(f"align.temperature must be positive for PPO sampling, got {cfg.temperature}")
-    if not (0 < cfg.cliprange < 1 and cfg.cliprange_value > 0):
-        raise ValueError("align.cliprange must be in (0, 1) and align.cliprange_value positive")
 
 
 class AdaptiveKLController:
@@ -61,13 +42,8 @@ class AdaptiveKLController:
         return self.value
 
 
-def policy_updates(cfg: DictConfig) -> int:
-    """Optimizer steps that move the policy (the critic-only warmup iterations are not among them)."""
-    return cfg.steps * cfg.ppo_epochs * -(-cfg.rollout_batch * cfg.samples_per_prompt // cfg.minibatch_size)
-
-
 def updates_per_run(cfg: DictConfig) -> int:
-    return policy_updates(cfg) * (cfg.steps + cfg.critic_warmup) // cfg.steps
+    return ppo_policy_updates(cfg) * (cfg.steps + cfg.critic_warmup) // cfg.steps
 
 
 class PPO(Objective):
