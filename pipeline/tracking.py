@@ -135,7 +135,7 @@ def log_lineage(run, cfg: DictConfig, stage: str, metrics: dict) -> dict[str, li
     for spec in used:
         if not Path(spec.path).exists():  # an optional input this configuration does not have
             continue
-        draft = build_artifact(spec, mode)
+        draft = build_artifact(spec, "reference")  # the same digest as the producer's copy, without copying
         if run.offline:  # use_artifact raises offline; this writes the record it would send
             run._log_artifact(draft, use_after_commit=True, is_user_created=True)
         else:

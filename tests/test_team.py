@@ -279,3 +279,23 @@ def test_wandb_files_record_the_lineage_from_data_to_the_aligned_model(micro_rep
         assert (meta["run_id"], meta["git_commit"], meta["git_dirty"]) == (run_id, commit, False), name
     header = (micro_repo / "reports" / "report.md").read_text().splitlines()[2]
     assert f"`{run_id}`, git commit `{commit[:12]}`" in header, header
+
+
+def test_a_use_recorded_by_reference_has_the_digest_of_an_uploaded_copy(tmp_path, monkeypatch):
+    """With `logger.artifacts=files` the producer uploads copies while consumers record their use by
+    reference (no copy): W&B resolves a use by digest, so both kinds must give the same one, and any
+    changed byte another."""
+    from pipeline.tracking import ArtifactSpec, build_artifact
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # where copies are staged
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "ckpt" / "meta.json").write_text('{"kind": "gpt"}')
+    spec = ArtifactSpec("sft", "ckpt", "model")
+    uploaded, referenced = (build_artifact(spec, mode).manifest for mode in ("files", "reference"))
+    assert uploaded.digest() == referenced.digest()
+    assert {e.ref for e in referenced.entries.values()} == {(tmp_path / "ckpt" / n).as_uri()
+                                                           for n in ("model.safetensors", "meta.json")}
+    (tmp_path / "ckpt" / "meta.json").write_text('{"kind": "reward"}')
+    assert build_artifact(spec, "reference").manifest.digest() != referenced.digest()
