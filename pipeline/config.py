@@ -62,7 +62,8 @@ def code_changes() -> str | None:
         return None
     h = hashlib.sha256((diff or "").encode())
     for name in sorted((new or "").splitlines()):
-        h.update(name.encode() + b"\0" + (PROJECT_ROOT / name).read_bytes())
+        path = PROJECT_ROOT / name
+        h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
     return h.hexdigest()[:6]
 
 
