@@ -10,8 +10,9 @@ names the field (or the file and line) and the fix. Two groups, in this order:
 Checks that live beside the code they guard are called from here, not repeated: the data config
 (`pipeline.data.data_config`), data sources (`pipeline.data.hub`), align methods
 (`pipeline.objectives.methods`), prompt templates (`pipeline.inference.prompting`), W&B artifact
-logging (`pipeline.tracking`) and `model.init_from` (`pipeline.hf`). They are imported inside the functions: importing this module
-must stay cheap (no torch, no lightning), since every way of starting a stage imports it.
+logging (`pipeline.tracking`) and `model.init_from` (`pipeline.hf`). They are imported inside the
+functions: importing this module must stay cheap (no torch, no lightning), since every way of
+starting a stage imports it.
 """
 from __future__ import annotations
 
