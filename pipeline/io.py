@@ -57,3 +57,15 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def flatten(d: dict, sep: str = ".", prefix: str = "") -> dict[str, int | float | str | bool | None]:
+    """Nested dicts as one level, keys joined by `sep` (metrics tables for sweeps and W&B); scalars only."""
+    out: dict = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, sep, f"{key}{sep}"))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out

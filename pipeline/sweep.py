@@ -22,6 +22,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pipeline.io import flatten
+
 LINKED = ("data", "artifacts")   # workspace directories whose entries a job sees through symlinks
 ALL_STAGES_COLUMNS = ("pretrain.val_loss", "sft.val_loss", "reward.accuracy", "evaluate.sft.exact_match",
                       "evaluate.aligned.exact_match")
@@ -48,17 +50,6 @@ def job_directory(job_dir: Path, workspace: Path) -> Iterator[Path]:
         os.chdir(old)
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, float | int | str]:
-    out: dict = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{key}."))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[key] = v
-    return out
-
-
 def job_rows(sweep_dir: Path) -> list[dict]:
     """One row per finished job: its number, overrides, and every metric as `<stage>.<key>`."""
     rows = []
@@ -67,7 +58,7 @@ def job_rows(sweep_dir: Path) -> list[dict]:
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
         metrics = {}
         for f in sorted((job / "metrics").glob("*.json")):
-            metrics.update(flatten(json.loads(f.read_text()), f"{f.stem}."))
+            metrics.update(flatten(json.loads(f.read_text()), prefix=f"{f.stem}."))
         rows.append({"job": int(job.name), "overrides": overrides, "metrics": metrics})
     return rows
 

@@ -29,8 +29,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import PROJECT_ROOT, run_identity
+from pipeline.io import flatten
 
 DVC_FILE = PROJECT_ROOT / "dvc.yaml"
+LOGGERS = ("wandb", "none")
 ARTIFACT_MODES = ("reference", "files", "none")
 # W&B only: git-tracked files, so not in DVC's registry (whose entries `dvc artifacts get` downloads)
 EXTRA = {
@@ -53,9 +55,9 @@ class ArtifactSpec:
         return path == self.path or path.startswith(self.path.rstrip("/") + "/")
 
 
-def registry(dvc_file: Path = DVC_FILE) -> dict[str, ArtifactSpec]:
-    """The objects lineage is recorded for: dvc.yaml's `artifacts:` entries, then EXTRA."""
-    entries = {**(yaml.safe_load(dvc_file.read_text()).get("artifacts") or {}), **EXTRA}
+def registry(dvc: dict) -> dict[str, ArtifactSpec]:
+    """The objects lineage is recorded for: the `artifacts:` entries of dvc.yaml (parsed), then EXTRA."""
+    entries = {**(dvc.get("artifacts") or {}), **EXTRA}
     return {name: ArtifactSpec(name, e["path"], e.get("type") or "model", e.get("desc", ""), tuple(e.get("labels", ())))
             for name, e in entries.items()}
 
@@ -67,10 +69,11 @@ def _paths(entries: list) -> list[str]:
 
 def stage_lineage(stage: str, dvc_file: Path = DVC_FILE) -> tuple[list[ArtifactSpec], list[ArtifactSpec]]:
     """(the objects `stage` uses, the objects it makes), from its dvc.yaml deps and outputs."""
-    spec = (yaml.safe_load(dvc_file.read_text()).get("stages") or {}).get(stage) or {}
+    dvc = yaml.safe_load(dvc_file.read_text())
+    spec = (dvc.get("stages") or {}).get(stage) or {}
     deps = _paths(spec.get("deps"))
     made = [p for key in ("outs", "metrics", "plots") for p in _paths(spec.get(key))]
-    objects = registry(dvc_file).values()
+    objects = registry(dvc).values()
     return ([a for a in objects if any(a.covers(p) for p in deps)],
             [a for a in objects if any(a.covers(p) for p in made)])
 
@@ -90,23 +93,20 @@ def wandb_init_kwargs(cfg: DictConfig, stage: str) -> dict:
             "name": f"{stage}-{identity['run_id']}", "dir": str(save_dir), "config": config, "tags": tags}
 
 
+def logger_name(cfg: DictConfig) -> str:
+    """`logger.name`: wandb or none (every stage logs, so a typo must stop the first one)."""
+    name = str((cfg.get("logger") or {}).get("name", "none"))
+    if name not in LOGGERS:
+        raise ValueError(f"logger.name {name!r} is unknown: choose wandb or none (logger=wandb|none)")
+    return name
+
+
 def artifact_mode(cfg: DictConfig) -> str:
     mode = str((cfg.get("logger") or {}).get("artifacts", "reference"))
     if mode not in ARTIFACT_MODES:
         raise ValueError(f"logger.artifacts {mode!r} is unknown: choose one of {', '.join(ARTIFACT_MODES)} "
                          "(conf/logger/wandb.yaml, or logger.artifacts=...)")
     return mode
-
-
-def flat_summary(metrics: dict, prefix: str = "") -> dict:
-    """`metrics` with nested dicts flattened to `a/b` keys (evaluate's {checkpoint: {metric: value}})."""
-    out: dict = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            out.update(flat_summary(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def build_artifact(spec: ArtifactSpec, mode: str, metadata: dict | None = None):
@@ -142,11 +142,11 @@ def log_lineage(run, cfg: DictConfig, stage: str, metrics: dict) -> dict[str, li
             run.use_artifact(draft)
         done["used"].append(spec.name)
     identity = run_identity(cfg)
-    numbers = {k: v for k, v in flat_summary(metrics).items() if isinstance(v, (int, float, str, bool))}
     for spec in made:
         if not Path(spec.path).exists():
             continue
-        meta = {**identity, "stage": stage, "path": spec.path, "labels": list(spec.labels), "metrics": numbers}
+        meta = {**identity, "stage": stage, "path": spec.path, "labels": list(spec.labels),
+                "metrics": flatten(metrics, sep="/")}
         run.log_artifact(build_artifact(spec, mode, meta), aliases=[identity["run_id"]])
         done["made"].append(spec.name)
     return done
@@ -155,7 +155,7 @@ def log_lineage(run, cfg: DictConfig, stage: str, metrics: dict) -> dict[str, li
 def close_stage_run(cfg: DictConfig, stage: str, metrics: dict | None) -> None:
     """Finish `stage`'s W&B run; on success (`metrics` given) first put the metrics in its summary and
     log its artifacts, opening the run if the stage had none (the stages that do not train)."""
-    if (cfg.get("logger") or {}).get("name", "none") != "wandb":
+    if logger_name(cfg) != "wandb":
         return
     wandb = sys.modules.get("wandb")  # imported by the stage if it opened a run
     run = wandb.run if wandb else None
@@ -168,7 +168,7 @@ def close_stage_run(cfg: DictConfig, stage: str, metrics: dict | None) -> None:
             return
         import wandb
         run = wandb.init(**wandb_init_kwargs(cfg, stage))
-    run.summary.update(flat_summary(metrics))
+    run.summary.update(flatten(metrics, sep="/"))  # evaluate's {checkpoint: {metric}} as checkpoint/metric
     if any(isinstance(v, dict) for v in metrics.values()):  # evaluate: one row per checkpoint
         rows = {k: v for k, v in metrics.items() if isinstance(v, dict) and k != "verdict"}
         columns = sorted({c for row in rows.values() for c in row if "/" not in c})

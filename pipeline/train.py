@@ -125,14 +125,11 @@ def build_logger(cfg: DictConfig, stage: str, run_id: str | None = None):
     """A WandbLogger for this stage (job_type = stage, group = the pipeline run), or False.
 
     `run_id` (pipeline.resume) is the W&B run id: a resumed stage continues its run (resume="allow")."""
-    lg = cfg.get("logger") or {}
-    if lg.get("name", "none") == "none":
+    from pipeline.tracking import logger_name, wandb_init_kwargs
+    if logger_name(cfg) == "none":
         return False
-    if lg.name != "wandb":
-        raise ValueError(f"logger.name {lg.name!r} is unknown: choose wandb or none (conf/logger/)")
     from lightning.pytorch.loggers import WandbLogger
 
-    from pipeline.tracking import wandb_init_kwargs
     kwargs = wandb_init_kwargs(cfg, stage)
     return WandbLogger(save_dir=kwargs.pop("dir"), log_model=False, id=run_id, resume="allow" if run_id else None,
                        **kwargs)

@@ -68,12 +68,9 @@ def _config(name: str, cfg: DictConfig) -> None:
 
 
 def _logger(cfg: DictConfig) -> None:
-    """`logger`: every stage logs (pipeline.tracking), so a typo must stop the first one."""
-    logger = cfg.get("logger") or {}
-    if logger.get("name", "none") not in ("wandb", "none"):
-        raise ValueError(f"logger.name {logger.get('name')!r} is unknown: choose wandb or none (logger=wandb|none)")
-    if logger.get("name") == "wandb":
-        from pipeline.tracking import artifact_mode
+    """`logger.name` and, for W&B, `logger.artifacts` (pipeline.tracking)."""
+    from pipeline.tracking import artifact_mode, logger_name
+    if logger_name(cfg) == "wandb":
         artifact_mode(cfg)
 
 

@@ -150,7 +150,7 @@ def test_experiments_pushed_to_a_git_remote_show_with_their_metrics_in_another_c
 
     # few-4's evaluate and report ran as run-<the baseline commit>-<its config hash>, named after the experiment
     few = table["few-4"]["verdict"]["run_id"]
-    assert re.fullmatch(rf"run-{git(ours, 'rev-parse', 'HEAD')[:7]}-[0-9a-f]{{8}}", few), few
+    assert re.fullmatch(rf"run-{sh(ours, 'git', 'rev-parse', 'HEAD')[:7]}-[0-9a-f]{{8}}", few), few
     assert few != table["all-16"]["verdict"]["run_id"]
     assert shown["few-4"]["metrics"]["metrics/report.json"]["data"]["run_id"] == few
     wandb_runs = [run_info(d) for d in (ours / "wandb").glob("offline-run-*")]
@@ -165,11 +165,6 @@ def test_experiments_pushed_to_a_git_remote_show_with_their_metrics_in_another_c
     assert "DVC experiment `few-4`" in (theirs / "reports" / "report.md").read_text().splitlines()[2]
 
 
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, env=venv_env(**GIT_IDENTITY), capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
 def test_the_run_id_names_the_commit_the_config_and_any_uncommitted_code(tmp_path, monkeypatch):
     """In a real git repo: the id is run-<commit>-<config hash>, equal for every stage of one config; an
     uncommitted edit or new file under pipeline/ or stages/ adds a hash of the change (another edit,
@@ -182,13 +177,13 @@ def test_the_run_id_names_the_commit_the_config_and_any_uncommitted_code(tmp_pat
     for name, text in {"pipeline/a.py": "x = 1\n", "stages/b.py": "y = 2\n", "conf/c.yaml": "z: 3\n"}.items():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text(text)
-    git(repo.parent, "init", "-q", str(repo))
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "one")
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "one")
     monkeypatch.setattr(config, "PROJECT_ROOT", repo)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     cfg = OmegaConf.create({"seed": 1, "stage": "pretrain", "run": {"id": None}})
-    commit = git(repo, "rev-parse", "HEAD")
+    commit = sh(repo, "git", "rev-parse", "HEAD").strip()
     clean = config.run_identity(cfg)
     assert clean["run_id"] == f"run-{commit[:7]}-{config.config_hash(cfg)}" and clean["git_commit"] == commit
     assert not clean["git_dirty"] and clean["dvc_experiment"] is None
@@ -264,7 +259,7 @@ def test_wandb_files_record_the_lineage_from_data_to_the_aligned_model(micro_rep
     assert inputs("report") == {"evaluation"} and "aligned" in inputs("evaluation")
 
     run_id = json.loads((micro_repo / "metrics" / "report.json").read_text())["run_id"]
-    commit = git(micro_repo, "rev-parse", "HEAD")
+    commit = sh(micro_repo, "git", "rev-parse", "HEAD").strip()
     assert re.fullmatch(rf"run-{commit[:7]}-[0-9a-f]{{8}}", run_id), run_id
     for stage, r in runs.items():
         assert r["group"] == run_id and r["config"]["pipeline_run"]["git_commit"] == commit, stage

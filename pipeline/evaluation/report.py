@@ -78,16 +78,17 @@ def stage_table(stages: dict[str, dict]) -> list[str]:
             continue
         wall, tokens = m.get("wall_time_s"), m.get("tokens", m.get("tokens_seen"))
         rate = f"{tokens / wall:,.0f}" if tokens and wall else ""
-        lines.append(f"| {stage} | {m.get('run_id', '')} | {m.get('device', '')} | "
-                     f"{fmt(wall) if wall is not None else ''} | {f'{tokens:,}' if tokens is not None else ''} | {rate} |")
+        wall_cell, tokens_cell = fmt(wall) if wall is not None else "", f"{tokens:,}" if tokens is not None else ""
+        lines.append(f"| {stage} | {m.get('run_id', '')} | {m.get('device', '')} | {wall_cell} | {tokens_cell} | {rate} |")
     return lines
 
 
-def render(cfg: DictConfig, stages: dict[str, dict], figure_names: list[str] | tuple[str, ...] = ()) -> str:
-    """The report's Markdown; `figure_names` are the PNGs written to reports/figures/ (linked relatively)."""
+def render(cfg: DictConfig, stages: dict[str, dict], run: dict,
+           figure_names: list[str] | tuple[str, ...] = ()) -> str:
+    """The report's Markdown; `run` is the run identity (pipeline.config.run_identity), `figure_names`
+    the PNGs written to reports/figures/ (linked relatively)."""
     choices = {g: cfg.get(g, {}).get("name", "") for g in ("strategy", "logger")}
     m = cfg.model
-    run = run_identity(cfg)
     code = " with uncommitted code changes" if run["git_dirty"] else ""
     experiment = f", DVC experiment `{run['dvc_experiment']}`" if run["dvc_experiment"] else ""
     lines = [
@@ -154,9 +155,10 @@ def write_report(cfg: DictConfig, metrics_dir: Path, reports_dir: Path) -> dict:
         for name, fig in drawn.items():
             figures.save(fig, tmp / f"{name}.png")
     write_json(reports_dir / "accuracy.json", figures.accuracy_rows(results))
-    text = render(cfg, stages, list(drawn))
+    run = run_identity(cfg)
+    text = render(cfg, stages, run, list(drawn))
     report = reports_dir / "report.md"
     tmp = report.with_name(f".{report.name}.tmp-{os.getpid()}")
     tmp.write_text(text + "\n")
     os.replace(tmp, report)
-    return {"report_lines": text.count("\n") + 1, "figures": len(drawn), "git_commit": run_identity(cfg)["git_commit"]}
+    return {"report_lines": text.count("\n") + 1, "figures": len(drawn), "git_commit": run["git_commit"]}
