@@ -1,5 +1,5 @@
 # `make run`: set up .venv and run the whole lifecycle with `dvc repro`.
-# `make test`: set up .venv (with test extras) and run the test suite.
+# `make test`: set up .venv (with test extras), lint with ruff, and run the test suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test install params clean
+.PHONY: run test lint install params dvc.yaml clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,19 @@ install: $(VENV)/.installed
 run: install
 	dvc repro
 
-test: install
+lint: install
+	@$(PY) -m ruff check .
+
+test: lint
 	@OMP_NUM_THREADS=1 $(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
+# the two files derived from the project: params.yaml from conf/, dvc.yaml from the chain in stages/
 params: install
-	$(PY) -m pipeline.params
+	$(PY) -m pipeline.config
+
+dvc.yaml: install
+	$(PY) -m pipeline.harness.dvcfile
 
 clean:
 	rm -rf data/prepared artifacts metrics reports wandb outputs multirun

@@ -15,8 +15,9 @@ import time
 
 import torch
 
+from pipeline.config.model import GPTConfig
 from pipeline.inference.sampling import SamplingConfig, generate
-from pipeline.model import GPT, GPTConfig
+from pipeline.model.gpt import GPT
 
 
 def tokens_per_sec(model: GPT, prompts: list[list[int]], new: int, use_cache: bool, repeats: int) -> float:

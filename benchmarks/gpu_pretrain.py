@@ -7,20 +7,20 @@
 The model is conf/model/<--model>.yaml (default gpt2_124m: 12 layers x 12 heads x 768, T = 1024) with
 a 50304-token vocabulary (GPT-2's 50257 padded to 64; there is no tokenizer here, the tokens are
 random). On CUDA: bf16-mixed, TF32 for leftover fp32 matmuls, `model.compile()` before training.
-  pipeline  LanguageModeling + pipeline.train.build_trainer (trainer=gpu with devices=1, the
+  pipeline  LanguageModeling + pipeline.training.trainer.build_trainer (trainer=gpu with devices=1, the
             strategy's conf/strategy/<name>.yaml, logger none, CurveRecorder attached as `fit` does);
   plain     nanoGPT's loop: bf16 autocast, fused AdamW (same param groups and LR schedule),
             gradient clipping, zero_grad(set_to_none=True).
 Both see the same pre-generated batches (already on the device) from the same seed. Each run
 times the steps after `--warmup` (compilation happens there), from one step's start to the
 next's, with a device sync only at the two ends. MFU = model.flops_per_token() x tokens/s ÷ the
-device's peak (pipeline.hardware.peak_flops: 989 TFLOP/s bf16 on H100/H200; null on CPU). Every
+device's peak (pipeline.training.hardware.peak_flops: 989 TFLOP/s bf16 on H100/H200; null on CPU). Every
 strategy (devices=1) runs the pipeline path at every batch size; the plain loop runs once per batch
 size. The last line is JSON with every run and `ratios` = pipeline (auto) ÷ plain tokens/s per batch.
 
-Needs omegaconf but not hydra-core: the config is read from the conf/*.yaml files with
-OmegaConf.load, not composed by Hydra. On a machine without it, `pip install omegaconf`, or (offline)
-put copies of the pure-Python packages `omegaconf` and `antlr4` on PYTHONPATH.
+Needs omegaconf and pydantic but not hydra-core: the config is read from the conf/*.yaml files with
+OmegaConf.load, not composed by Hydra, then checked by the pipeline's schemas (pydantic). On a machine
+without them, `pip install omegaconf pydantic`, or (offline) carry their wheels.
 """
 from __future__ import annotations
 
@@ -31,27 +31,35 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from benchmarks.train_step import (StepTimer, describe, model_config, pipeline_run, plain_run, quiet_lightning,
-                                   random_batches)
-from pipeline.hardware import device_name, peak_flops
-from pipeline.model import GPT
+from benchmarks.train_step import (
+    StepTimer,
+    describe,
+    model_config,
+    pipeline_run,
+    plain_run,
+    quiet_lightning,
+    random_batches,
+)
+from pipeline.config.root import Config, load_config
+from pipeline.model.gpt import GPT
+from pipeline.training.hardware import device_name, peak_flops
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-def bench_config(model: str, vocab: int, device: str, precision: str, strategy: str) -> DictConfig:
-    """The slice of conf/ that LanguageModeling and build_trainer read, for one device, no logger."""
-    base = OmegaConf.load(CONF / "config.yaml")
-    cfg = OmegaConf.create({
-        "seed": base.seed, "pretrain": base.pretrain, "tokenizer": {"vocab_size": vocab},
-        "model": OmegaConf.load(CONF / "model" / f"{model}.yaml"),
-        "trainer": OmegaConf.load(CONF / "trainer" / ("gpu.yaml" if device == "cuda" else "cpu.yaml")),
-        "strategy": OmegaConf.load(CONF / "strategy" / f"{strategy}.yaml"), "logger": {"name": "none"},
-    })
-    cfg.trainer.devices, cfg.trainer.precision = 1, precision
-    return cfg
+def bench_config(model: str, vocab: int, device: str, precision: str, strategy: str) -> Config:
+    """conf/ put together by hand for one device and no logger (each group's file, as the defaults list
+    would pick it), checked like any config."""
+    base = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
+    base.pop("defaults"), base.pop("hydra")
+    groups = {"model": f"model/{model}", "data": "data/default", "align": "align/ppo", "logger": "logger/none",
+              "trainer": f"trainer/{'gpu' if device == 'cuda' else 'cpu'}", "strategy": f"strategy/{strategy}"}
+    cfg = {**base, **{g: OmegaConf.to_container(OmegaConf.load(CONF / f"{f}.yaml")) for g, f in groups.items()}}
+    cfg["tokenizer"]["vocab_size"] = vocab
+    cfg["trainer"] |= {"devices": 1, "precision": precision}
+    return load_config(cfg)
 
 
 def one_run(path: str, strategy: str, batch: int, args) -> dict:

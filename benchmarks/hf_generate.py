@@ -4,7 +4,7 @@
 
 The model is the CPU demo model's shape (conf/model/tiny.yaml: 4 layers, 4 heads, 128 wide, vocab 512)
 with a 512-token context, random weights (speed does not depend on training), exported with
-`pipeline.hf.export_gpt2` and loaded back with `AutoModelForCausalLM.from_pretrained`. Both decode
+`pipeline.interop.hf.export_gpt2` and loaded back with `AutoModelForCausalLM.from_pretrained`. Both decode
 greedily from the same random prompts with no stop token, so both produce the same number of
 tokens, and the run checks they produce the *same* tokens. The last line is JSON with tokens/s of
 each per batch size and `ratio_b<N>` = pipeline / transformers (goal ≥ 1).
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models
 
-from pipeline.hf import export_gpt2, require_transformers
+from pipeline.config.model import GPTConfig
 from pipeline.inference.sampling import SamplingConfig, generate
-from pipeline.model import GPT, GPTConfig
+from pipeline.interop.hf import export_gpt2, require_transformers
+from pipeline.model.gpt import GPT
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -64,10 +65,10 @@ def main() -> None:
     with torch.inference_mode():
         for batch in args.batches:
             prompts = torch.randint(5, 512, (batch, args.prompt_len), generator=g)
-            ours_s, ours = best_time(lambda: generate(model, prompts.tolist(), cfg, stop_id=None, pad_id=0),
+            ours_s, ours = best_time(lambda p=prompts: generate(model, p.tolist(), cfg, stop_id=None, pad_id=0),
                                      args.repeats)
             theirs_s, theirs = best_time(
-                lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
+                lambda p=prompts: hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=args.new_tokens,
                                     do_sample=False, eos_token_id=None, pad_token_id=0)[:, args.prompt_len:].tolist(),
                 args.repeats)
             n = batch * args.new_tokens

@@ -29,9 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 BASELINE = """
 import json, time, torch
 from pathlib import Path
-from pipeline.data.prepare import load_split
+from pipeline.data.splits import load_split
 from pipeline.data.tokenizer import ChatTokenizer
-tok = ChatTokenizer.load("artifacts/tokenizer/tokenizer.json", ["<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"])
+tok = ChatTokenizer.load("artifacts/tokenizer/tokenizer.json",
+                         ["<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"])
 start, n = time.perf_counter(), 0
 for split in ("pretrain", "pretrain_val"):
     ids = []

@@ -5,7 +5,7 @@
 
 Both paths train the CPU demo model (conf/model/tiny.yaml, vocab 512 = tokenizer.vocab_size padded
 to 64) from the same seed on the same pre-generated random batches, fp32, one thread:
-  pipeline  `LanguageModeling` + `pipeline.train.build_trainer` (conf/ composed with logger=none, the
+  pipeline  `LanguageModeling` + `pipeline.training.trainer.build_trainer` (conf/ composed with logger=none, the
             `CurveRecorder` that `fit` attaches, no validation), then `trainer.fit`;
   plain     a for loop: forward, cross-entropy, backward, clip, AdamW (same param groups), LR
             schedule step, zero_grad(set_to_none=True).
@@ -42,13 +42,15 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ProgressBar
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from pipeline.model import GPT, GPTConfig
-from pipeline.objectives.base import lr_lambda, param_groups
-from pipeline.objectives.lm import LanguageModeling
-from pipeline.train import CurveRecorder, build_trainer
+from pipeline.config.model import GPTConfig
+from pipeline.config.root import Config
+from pipeline.model.gpt import GPT
+from pipeline.training.curves import CurveRecorder
+from pipeline.training.lm import LanguageModeling
+from pipeline.training.objective import lr_lambda, param_groups
+from pipeline.training.trainer import build_trainer
 
 
 def quiet_lightning() -> None:
@@ -103,7 +105,7 @@ class StepTimer(Callback):
         return (t[-1] - t[self.warmup]) / (len(t) - 1 - self.warmup)
 
 
-def pipeline_run(cfg: DictConfig, model: GPT, batches: list[dict], warmup: int,
+def pipeline_run(cfg: Config, model: GPT, batches: list[dict], warmup: int,
                  sync: Callable[[], None] | None = None, *,
                  module_cls: type[LanguageModeling] = LanguageModeling, progress_bar: bool = True,
                  curves: bool = True) -> StepTimer:
@@ -122,7 +124,7 @@ def pipeline_run(cfg: DictConfig, model: GPT, batches: list[dict], warmup: int,
     return timer
 
 
-def plain_run(cfg: DictConfig, model: GPT, batches: list[dict], warmup: int,
+def plain_run(cfg: Config, model: GPT, batches: list[dict], warmup: int,
               sync: Callable[[], None] | None = None, *, autocast: torch.dtype | None = None,
               fused: bool = False) -> StepTimer:
     """The same steps as a nanoGPT-style loop."""
@@ -146,13 +148,9 @@ def plain_run(cfg: DictConfig, model: GPT, batches: list[dict], warmup: int,
     return timer
 
 
-def model_config(cfg: DictConfig) -> GPTConfig:
-    """The `model` group with the configured tokenizer's vocabulary padded like `gpt_config` does."""
-    m = OmegaConf.to_container(cfg.model, resolve=True)
-    multiple = int(m.pop("vocab_multiple", 1) or 1)
-    m.pop("init_from", None)  # where the weights would start, not the shape
-    m["vocab_size"] = m.get("vocab_size") or -(-cfg.tokenizer.vocab_size // multiple) * multiple
-    return GPTConfig.from_dict(m)
+def model_config(cfg: Config) -> GPTConfig:
+    """The `model` group's shape for the configured tokenizer's vocabulary (padded as pretraining pads it)."""
+    return cfg.model.shape(cfg.tokenizer.vocab_size)
 
 
 def describe(c: GPTConfig, name: str) -> str:
@@ -175,7 +173,7 @@ BREAKDOWN: dict[str, dict] = {
 }
 
 
-def compare(cfg: DictConfig, gpt_cfg: GPTConfig, batches: list[dict], args) -> dict:
+def compare(cfg: Config, gpt_cfg: GPTConfig, batches: list[dict], args) -> dict:
     runs: dict[str, list[StepTimer]] = {"pipeline": [], "plain": []}
     tokens = batches[0]["labels"].numel()
     for r in range(args.rounds):
@@ -203,7 +201,7 @@ def compare(cfg: DictConfig, gpt_cfg: GPTConfig, batches: list[dict], args) -> d
             "plain_last_loss": round(runs["plain"][-1].loss, 5)}
 
 
-def breakdown(cfg: DictConfig, gpt_cfg: GPTConfig, batches: list[dict], args) -> dict:
+def breakdown(cfg: Config, gpt_cfg: GPTConfig, batches: list[dict], args) -> dict:
     variants = {**{name: lambda m, b, w, kw=kw: pipeline_run(cfg, m, b, w, **kw) for name, kw in BREAKDOWN.items()},
                 "plain": lambda m, b, w: plain_run(cfg, m, b, w)}
     ms: dict[str, list[float]] = {name: [] for name in variants}
@@ -235,8 +233,9 @@ def main() -> None:
         args.rounds, args.warmup, args.steps, args.batch = 2, 1, 3, 4
     torch.set_num_threads(1)
     quiet_lightning()
-    from pipeline.config import compose  # Hydra: only this CPU benchmark composes conf/
-    cfg = compose(["logger=none", f"model={args.model}"])
+    from pipeline.config.load import compose  # Hydra: only this CPU benchmark composes conf/
+    from pipeline.config.root import load_config
+    cfg = load_config(compose(["logger=none", f"model={args.model}"]))
     gpt_cfg = model_config(cfg)
     batches = random_batches(args.warmup + args.steps + 1, args.batch, gpt_cfg.block_size, gpt_cfg.vocab_size)
     result = (breakdown if args.breakdown else compare)(cfg, gpt_cfg, batches, args)

@@ -1,43 +1,38 @@
-"""Stage `sft`: finetune the pretrained GPT on chat conversations, loss on answers only."""
+"""Stage `sft`: finetune the pretrained GPT on chat conversations, loss on the assistant's replies only."""
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
-import lightning as L
-from omegaconf import DictConfig
+from pipeline import paths
+from pipeline.registry import Checkpoint, Curve, StageSpec
 
-from pipeline.checkpoint import load_gpt
-from pipeline.context import DATA_DIR, load_tokenizer, mean_of
-from pipeline.data.datamodules import ChatData
-from pipeline.objectives.optim_config import validate_optim
-from pipeline.objectives.sft import SupervisedFinetuning
-from pipeline.runner import main
-from pipeline.train import fit, prepare_model, save_trained_gpt
+if TYPE_CHECKING:
+    from pipeline.config.root import Config
 
-
-def finetune(cfg: DictConfig, start: str, out: str, steps: int, optim: DictConfig | None = None, **meta) -> dict:
-    """Train checkpoint `start` with the SFT recipe (`cfg.sft`, or `optim` in its place) for `steps` steps;
-    save it as `out`."""
-    s = cfg.sft
-    optim = optim or s.optim
-    validate_optim(optim, "sft")
-    tok = load_tokenizer(cfg)
-    model, _ = load_gpt(start, tok.sha256)
-    L.seed_everything(cfg.seed, verbose=False)
-    data = ChatData(DATA_DIR, tok, model.config.block_size, s.batch_size, cfg.seed)
-    module = SupervisedFinetuning(prepare_model(model.train(), cfg), optim, steps)
-    trainer, curves, final = fit(module, data, cfg, out, max_steps=steps, val_every=min(s.val_every, steps),
-                                 val_batches=s.val_batches, grad_clip=s.grad_clip)
-    metrics = {"val_loss": final["val/loss"], "val_ppl": math.exp(final["val/loss"]),
-               "train_loss": curves.train[-1]["train/loss"], "first_train_loss": curves.train[0]["train/loss"],
-               "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec"), **curves.totals}
-    save_trained_gpt(trainer, module, out, cfg, tok, step=steps, metrics=metrics, **meta)
-    return metrics
+SPEC = StageSpec(
+    name="sft",
+    desc="The pretrained GPT finetuned on chat conversations, loss on the replies only",
+    params=("seed", "sft", "trainer", "strategy"),
+    inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
+    reads={"pretrain": "gpt"},
+    splits=("sft",),
+    writes=(Checkpoint("sft", "gpt", "The pretrained GPT finetuned on chat demonstrations", ("gpt", "chat", "sft")),),
+    curves=(Curve("train", "train/loss"), Curve("val", "val/loss")),
+    trains=True,
+)
 
 
-def run(cfg: DictConfig) -> dict:
-    return finetune(cfg, "pretrain", "sft", cfg.sft.max_steps)
+def check(cfg: Config, spec: StageSpec) -> None:
+    from pipeline.harness.validation import check_conversation_lengths, check_inputs
+    inputs = check_inputs(cfg, spec)
+    check_conversation_lengths(inputs.rows["sft"], inputs.tok, inputs.block_size(spec.checkpoint("gpt")))
+
+
+def run(cfg: Config, spec: StageSpec) -> dict:
+    from pipeline.training.lm import finetune
+    return finetune(cfg, spec, cfg.sft.max_steps)
 
 
 if __name__ == "__main__":
-    main("sft")
+    from stages import main
+    main(SPEC.name)

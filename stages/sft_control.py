@@ -1,28 +1,45 @@
-"""Stage `sft_control`: the SFT checkpoint trained further, for as many optimizer steps as `align` gives
-the policy, on the SFT data and batch size. `evaluate` scores it beside `aligned`: if alignment beats
-SFT but not this control, more training, not alignment, moved the number.
-
-The SFT run is extended, not restarted: the steps continue at the learning rate SFT ended on
-(`sft.optim.lr * min_lr_ratio`), constant, without a new warmup, since a fresh warmup to the peak
-rate would shake the model and make the control look worse than more SFT really is.
-"""
+"""Stage `sft_control`: the SFT checkpoint trained further, for as many optimizer steps as `align` gives the
+policy, on the SFT data and batch size. `evaluate` scores it beside `aligned`: if alignment beats SFT but not
+this control, more training, not alignment, moved the number."""
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from typing import TYPE_CHECKING
 
-from pipeline.objectives.methods import policy_updates, validate_align
-from pipeline.runner import main
-from stages.sft import finetune
+from pipeline import paths
+from pipeline.registry import Checkpoint, Curve, StageSpec
+
+if TYPE_CHECKING:
+    from pipeline.config.root import Config
+
+SPEC = StageSpec(
+    name="sft_control",
+    desc="The same-compute control: SFT trained as many more steps as alignment gave the policy",
+    params=("seed", "sft", "align", "trainer", "strategy"),
+    inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
+    reads={"sft": "gpt"},
+    splits=("sft",),
+    writes=(Checkpoint("sft_control", "gpt", "The SFT model trained further for as many steps as alignment took, "
+                       "the control", ("gpt", "chat", "sft", "control")),),
+    curves=(Curve("train", "train/loss"), Curve("val", "val/loss")),
+    trains=True,
+)
 
 
-def run(cfg: DictConfig) -> dict:
-    validate_align(cfg.align)
-    steps = policy_updates(cfg.align)
-    o = cfg.sft.optim
-    extended = OmegaConf.merge(o, {"lr": o.lr * o.min_lr_ratio, "warmup_steps": 0, "min_lr_ratio": 1.0})
-    metrics = finetune(cfg, "sft", "sft_control", steps, optim=extended, matches=cfg.align.method)
-    return {"steps": steps, "matches": cfg.align.method, "lr": float(extended.lr), **metrics}
+def check(cfg: Config, spec: StageSpec) -> None:
+    from pipeline.alignment import methods
+    from pipeline.harness.validation import check_conversation_lengths, check_inputs
+    methods.load(cfg)  # the method whose policy updates it matches
+    inputs = check_inputs(cfg, spec)
+    check_conversation_lengths(inputs.rows["sft"], inputs.tok, inputs.block_size(spec.checkpoint("gpt")))
+
+
+def run(cfg: Config, spec: StageSpec) -> dict:
+    from pipeline.alignment import methods
+    from pipeline.training.lm import finetune_further
+    method, acfg = methods.load(cfg)
+    return finetune_further(cfg, spec, steps=method.policy_updates(acfg), matches=acfg.method)
 
 
 if __name__ == "__main__":
-    main("sft_control")
+    from stages import main
+    main(SPEC.name)

@@ -26,8 +26,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def compose_micro(*overrides: str):
-    from pipeline.config import compose
+    """The micro experiment composed from conf/ (a DictConfig, as Hydra and params.yaml give it)."""
+    from pipeline.config.load import compose
     return compose(["experiment=micro", *overrides])
+
+
+def micro_config(*overrides: str):
+    """The micro experiment as the typed Config a stage receives."""
+    from pipeline.config.root import load_config
+    return load_config(compose_micro(*overrides))
 
 
 @pytest.fixture
@@ -38,7 +45,7 @@ def micro_cfg():
 @pytest.fixture(scope="session")
 def micro_chain(tmp_path_factory) -> Path:
     """A directory where the whole micro lifecycle has run (logger off); returns it."""
-    from pipeline.runner import run_stage
+    from stages import run_stage
 
     work = tmp_path_factory.mktemp("chain")
     cfg = compose_micro()
@@ -144,7 +151,7 @@ def micro_repo(tmp_path_factory) -> Path:
     # micro's own override turns W&B off; put it back on for this test
     micro = repo / "conf" / "experiment" / "micro.yaml"
     micro.write_text(micro.read_text().replace("  - override /logger: none\n", ""))
-    subprocess.run(["python", "-m", "pipeline.params"], cwd=repo, env=venv_env(), check=True, capture_output=True)
+    subprocess.run(["python", "-m", "pipeline.config"], cwd=repo, env=venv_env(), check=True, capture_output=True)
     subprocess.run(["git", "commit", "-qam", "micro defaults"], cwd=repo, check=True, capture_output=True,
                    env=venv_env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                                 GIT_COMMITTER_EMAIL="t@t"))

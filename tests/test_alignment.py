@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from pipeline.model import GPT, GPTConfig
-from pipeline.objectives.dpo import dpo_loss
-from pipeline.objectives.grpo import group_advantages
-from pipeline.objectives.methods import policy_updates, validate_align
-from pipeline.objectives.reward_model import pairwise_stats
-from pipeline.objectives.rollout import (build_sequences, clipped_policy_loss, kl_penalty, masked_mean, response_logprobs,
-                                         sequence_logprobs)
+from pipeline.alignment import methods
+from pipeline.alignment.methods.dpo import dpo_loss
+from pipeline.alignment.methods.grpo import group_advantages
+from pipeline.alignment.rollout import clipped_policy_loss, kl_penalty, masked_mean
+from pipeline.config.model import GPTConfig
+from pipeline.inference.sequences import build_sequences
+from pipeline.model.gpt import GPT
+from pipeline.model.logprobs import response_logprobs, sequence_logprobs
+from pipeline.registry import StageSpec
+from pipeline.training.reward import pairwise_stats
+
+TEST_STAGE = StageSpec(name="align_test", desc="a test of one alignment objective")
 
 
 def _log_sigmoid(x: float) -> float:
@@ -104,28 +109,33 @@ def test_padding_never_reaches_sequence_logprobs():
     torch.testing.assert_close(alone, logp[:, 1:].sum(1))
 
 
-def test_policy_updates_per_method(micro_cfg):
-    from conftest import compose_micro
-    ppo = compose_micro("align.steps=3", "align.rollout_batch=8", "align.minibatch_size=4").align
-    assert policy_updates(ppo) == 3 * 1 * 2  # steps x epochs x minibatches (critic warmup not counted)
-    dpo = compose_micro("align=dpo", "align.steps=7").align
-    assert policy_updates(dpo) == 7
-    grpo = compose_micro("align=grpo", "align.steps=5", "align.rollout_batch=4", "align.group_size=4",
-                         "align.minibatch_size=8", "align.epochs=2").align
-    assert policy_updates(grpo) == 5 * 2 * 2
+def policy_updates(*overrides: str) -> int:
+    from conftest import micro_config
+    method, acfg = methods.load(micro_config(*overrides))
+    return method.policy_updates(acfg)
+
+
+def test_policy_updates_per_method():
+    # steps x epochs x minibatches (critic warmup not counted)
+    assert policy_updates("align.steps=3", "align.rollout_batch=8", "align.minibatch_size=4") == 3 * 1 * 2
+    assert policy_updates("align=dpo", "align.steps=7") == 7
+    assert policy_updates("align=grpo", "align.steps=5", "align.rollout_batch=4", "align.group_size=4",
+                          "align.minibatch_size=8", "align.epochs=2") == 5 * 2 * 2
 
 
 @pytest.mark.parametrize("override, field", [
-    (("align.method=sft",), "align.method"),
-    (("align=dpo", "align.beta=0"), "align.beta"),
-    (("align=grpo", "align.group_size=1"), "align.group_size"),
-    (("align=grpo", "align.minibatch_size=100000"), "align.minibatch_size"),
-    (("align=ppo", "align.kl_estimator=k2"), "align.kl_estimator"),
+    (("align.method=sft",), "align.method 'sft' is unknown: choose one of dpo, grpo, ppo"),
+    (("align=dpo", "align.beta=0"), "align.beta is 0: it must be positive"),
+    (("align=grpo", "align.group_size=1"), "align.group_size is 1: it must be >= 2"),
+    (("align=grpo", "align.minibatch_size=100000"), "align.minibatch_size (100000) must be <= align.rollout_batch"),
+    (("align=ppo", "align.kl_estimator=k2"), "align.kl_estimator 'k2' is unknown: choose k1 or k3"),
+    (("align=ppo", "+align.kl_coeff=0.1"), "align.kl_coeff is not a setting of align: did you mean align.kl_coef?"),
+    (("align=dpo", "align.on_policy.max_new_tokens=125"), "align.on_policy.max_new_tokens (125) leaves no room"),
 ])
 def test_bad_align_config_names_the_field(override, field):
-    from conftest import compose_micro
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        validate_align(compose_micro(*override).align)
+    from conftest import micro_config
+    with pytest.raises(ValueError, match=re.escape(field)):
+        methods.load(micro_config(*override))
 
 
 def _frozen_copy(model):
@@ -133,19 +143,22 @@ def _frozen_copy(model):
 
 
 def test_one_dpo_step_moves_the_policy_and_not_the_reference(in_chain):
-    from conftest import compose_micro
-    from pipeline.checkpoint import load_gpt
-    from pipeline.context import DATA_DIR, load_tokenizer
+    from pipeline.alignment.methods.dpo import DPO
     from pipeline.data.datamodules import PreferenceData
-    from pipeline.objectives.dpo import DPO
-    from pipeline.train import fit
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.model.handoff import load_gpt
+    from pipeline.paths import PREPARED
+    from pipeline.training.trainer import fit
 
-    cfg = compose_micro("align=dpo", "align.steps=1", "align.batch_size=4", "align.val_every=1", "align.val_batches=1")
-    tok = load_tokenizer(cfg)
+    from conftest import micro_config
+
+    cfg = micro_config("align=dpo", "align.steps=1", "align.batch_size=4", "align.val_every=1", "align.val_batches=1")
+    _, acfg = methods.load(cfg)
+    tok = load_tokenizer(cfg.tokenizer.special_tokens)
     policy, reference = load_gpt("sft")[0], load_gpt("sft")[0]
     before, ref_before = _frozen_copy(policy), _frozen_copy(reference)
-    data = PreferenceData(DATA_DIR, tok, policy.config.block_size, 4, 0, 0.1)
-    _, curves, final = fit(DPO(policy.train(), reference, cfg.align), data, cfg, "align_test", max_steps=1,
+    data = PreferenceData(PREPARED, tok, policy.config.block_size, 4, 0, 0.1)
+    _, curves, final = fit(DPO(policy.train(), reference, acfg), data, cfg, TEST_STAGE, max_steps=1,
                            val_every=1, val_batches=1)
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
     assert all(torch.equal(ref_before[k], v) for k, v in reference.state_dict().items())
@@ -155,20 +168,23 @@ def test_one_dpo_step_moves_the_policy_and_not_the_reference(in_chain):
 
 
 def test_one_grpo_iteration_moves_the_policy_with_checker_rewards(in_chain):
-    from conftest import compose_micro
-    from pipeline.checkpoint import load_gpt
-    from pipeline.context import DATA_DIR, load_tokenizer
+    from pipeline.alignment.methods.grpo import GRPO
     from pipeline.data.datamodules import PromptData
-    from pipeline.objectives.grpo import GRPO
-    from pipeline.train import fit
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.model.handoff import load_gpt
+    from pipeline.paths import PREPARED
+    from pipeline.training.trainer import fit
 
-    cfg = compose_micro("align=grpo", "align.steps=1", "align.rollout_batch=4", "align.group_size=4",
-                        "align.minibatch_size=16", "align.max_new_tokens=6", "align.kl_coef=0.1")
-    tok = load_tokenizer(cfg)
+    from conftest import micro_config
+
+    cfg = micro_config("align=grpo", "align.steps=1", "align.rollout_batch=4", "align.group_size=4",
+                       "align.minibatch_size=16", "align.max_new_tokens=6", "align.kl_coef=0.1")
+    _, acfg = methods.load(cfg)
+    tok = load_tokenizer(cfg.tokenizer.special_tokens)
     policy, reference = load_gpt("sft")[0], load_gpt("sft")[0]
     before, ref_before = _frozen_copy(policy), _frozen_copy(reference)
-    _, curves, _ = fit(GRPO(policy.train(), reference, tok, cfg.align, seed=0),
-                       PromptData(DATA_DIR, 4, 1, 0), cfg, "align_test", validate=False, max_epochs=1, log_every=1)
+    _, curves, _ = fit(GRPO(policy.train(), reference, tok, acfg, seed=0),
+                       PromptData(PREPARED, 4, 1, 0), cfg, TEST_STAGE, validate=False, max_epochs=1, log_every=1)
     row = curves.train[0]
     assert 0.0 <= row["reward"] <= 1.0 and 0.0 <= row["frac_reward_zero_std"] <= 1.0
     # one on-policy step: the policy equals the reference while the KL is measured
@@ -179,7 +195,7 @@ def test_one_grpo_iteration_moves_the_policy_with_checker_rewards(in_chain):
 
 
 def test_verdict_flags_reward_hacking_and_the_control():
-    from stages.evaluate import verdict
+    from pipeline.evaluation.evaluate import verdict
     base = {"exact_match": 0.5, "exact_match_sampled": 0.4, "reward": 1.0, "kl_to_sft": 0.0}
     results = {"sft": base, "sft_control": {**base, "exact_match": 0.55},
                "aligned": {**base, "exact_match": 0.45, "reward": 3.0, "kl_to_sft": 2.5}}
@@ -191,17 +207,21 @@ def test_verdict_flags_reward_hacking_and_the_control():
     assert v["exact_match_vs_control"] == pytest.approx(0.05)
 
 
-def test_config_groups_hold_every_method():
-    from conftest import compose_micro
-    for method in ("ppo", "dpo", "grpo"):
-        cfg = compose_micro(f"align={method}")
-        assert cfg.align.method == method
-        validate_align(cfg.align)
-        assert OmegaConf.select(cfg, "align.kl_bound") > 0
+def test_every_method_module_has_its_config_file_and_interface():
+    """A method is one module and one YAML: each is found by name, and each YAML composes into a valid config."""
+    from pipeline.paths import CONF_DIR
+
+    from conftest import micro_config
+    assert methods.names() == sorted(p.stem for p in (CONF_DIR / "align").glob("*.yaml")) == ["dpo", "grpo", "ppo"]
+    for name in methods.names():
+        method, acfg = methods.load(micro_config(f"align={name}"))
+        assert acfg.method == name == method.__name__.rpartition(".")[2]
+        assert method.policy_updates(acfg) > 0 and method.SUMMARY and callable(method.train)
+        assert set(method.NEEDS.values()) <= {"gpt", "reward"} and method.splits(acfg)
 
 
 def test_adaptive_kl_controller_moves_beta_toward_the_target():
-    from pipeline.objectives.ppo import AdaptiveKLController
+    from pipeline.alignment.methods.ppo import AdaptiveKLController
     ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
     assert ctl.update(kl=3.0, n=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
     ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)

@@ -1,8 +1,8 @@
-"""Bad config and bad inputs stop a stage before it does any work (pipeline/validation.py).
+"""Bad config and bad inputs stop a stage before it does any work (pipeline/config, pipeline/harness/validation.py).
 
 Each case copies the micro chain (every stage already ran there), writes params.yaml from the micro
 config plus its overrides, removes the outputs of the stage it runs, breaks one thing and runs the stage
-the way users do: `pipeline.runner.main(stage)` in-process (the entry point of `python -m stages.<name>`),
+the way users do: `stages.main(stage)` in-process (the entry point of `python -m stages.<name>`),
 or, for a few cases that fail before any heavy import, a real `python -m stages.<name>` subprocess.
 Each asserts a non-zero exit, a message naming its culprit (field, or file and line) and that none of
 the stage's outputs (checkpoint, metrics, curves, temporary directories) is left behind.
@@ -22,18 +22,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from pipeline.paths import resume_dir
+from stages import registry
+
 from conftest import REPO, compose_micro, venv_env
 
-OUTPUTS = {"prepare": ["data/prepared"], "tokenizer": ["artifacts/tokenizer", "data/tokens"],
-           "pretrain": ["artifacts/pretrain"], "sft": ["artifacts/sft"], "reward": ["artifacts/reward"],
-           "align": ["artifacts/aligned"], "sft_control": ["artifacts/sft_control"], "export": ["artifacts/export"],
-           "evaluate": [], "report": ["reports"]}
 SFT = Path("data/prepared/sft.jsonl")
 TOKENIZER = Path("artifacts/tokenizer/tokenizer.json")
 
 
 def outputs(stage: str) -> list[Path]:
-    return [Path(p) for p in OUTPUTS[stage]] + [Path(f"metrics/{stage}.json"), Path(f"outputs/resume/{stage}")]
+    """Everything the stage's spec says it writes, and its resume directory."""
+    return [*registry()[stage].spec.made(), resume_dir(stage)]
 
 
 def remove(path: Path) -> None:
@@ -75,6 +75,13 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def lengthen_reply(line: str) -> str:
+    """The conversation on `line` with a reply far longer than the micro model's 128-token context."""
+    row = json.loads(line)
+    row["messages"][-1]["content"] = "many words " * 100
+    return json.dumps(row) + "\n"
+
+
 def set_cfg(key: str, value) -> Callable:
     return lambda cfg: OmegaConf.update(cfg, key, value, force_add=True)
 
@@ -94,7 +101,9 @@ CASES = [
     # ---- config fields
     Case("n_embd_not_divisible_by_n_head", "pretrain",
          ("model.n_embd (32) must be divisible by model.n_head (3)", "divisor"), ("model.n_head=3",)),
-    Case("zero_batch_size", "sft", ("sft.batch_size is 0",), ("sft.batch_size=0",)),
+    Case("zero_batch_size", "sft", ("sft.batch_size is 0: it must be >= 1",), ("sft.batch_size=0",)),
+    Case("misspelt_key", "sft", ("sft.max_stepz is not a setting of sft: did you mean sft.max_steps?",),
+         ("+sft.max_stepz=10",)),
     Case("negative_lr", "pretrain", ("pretrain.optim.lr is -0.001", "positive"), ("pretrain.optim.lr=-0.001",)),
     Case("dropout_of_one", "pretrain", ("model.dropout is 1.0", "[0, 1)"), ("model.dropout=1.0",)),
     Case("zero_max_steps", "reward", ("reward.max_steps is 0",), ("reward.max_steps=0",)),
@@ -105,11 +114,13 @@ CASES = [
     Case("eval_prompt_over_block_size", "evaluate",
          ("model.block_size (128) is too small for data/prepared/eval.jsonl:1", "evaluate.cot_max_new_tokens (120)"),
          ("evaluate.cot_max_new_tokens=120",)),
-    Case("unknown_align_method_in_params", "align", ("align.method 'rlhf'", "ppo, dpo, grpo"),
+    Case("unknown_align_method_in_params", "align", ("align.method 'rlhf'", "dpo, grpo, ppo"),
          break_it=lambda: replace_in(Path("params.yaml"), "method: ppo", "method: rlhf")),
     Case("unknown_artifact_mode", "report", ("logger.artifacts 'copy' is unknown", "reference, files, none"),
          ("logger=wandb", "logger.artifacts=copy")),
     Case("unknown_logger", "prepare", ("logger.name 'mlflow' is unknown", "wandb or none"), ("logger.name=mlflow",)),
+    Case("bad_align_field_in_sft_control", "sft_control",
+         ("align.minibatch_size (1000) must be <= align.rollout_batch",), ("align.minibatch_size=1000",)),
     Case("special_tokens_without_end", "tokenizer", ("tokenizer.special_tokens has 4 entries", "end '<|end|>'"),
          edit_cfg=set_cfg("tokenizer.special_tokens", ["<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>"])),
     Case("vocab_size_too_small", "tokenizer", ("tokenizer.vocab_size is 100", ">= 261"),
@@ -118,13 +129,13 @@ CASES = [
          edit_cfg=set_cfg("evaluate.prompts.cot", "{trigger}")),
     Case("unknown_template_field", "evaluate", ("evaluate.prompts.zero_shot", "'answer'"),
          edit_cfg=set_cfg("evaluate.prompts.zero_shot", "{question} = {answer}")),
-    Case("zero_sft_size", "prepare", ("data.sizes.sft (0)",), ("data.sizes.sft=0",), subprocess=True),
+    Case("zero_sft_size", "prepare", ("data.sizes.sft is 0",), ("data.sizes.sft=0",), subprocess=True),
     Case("hub_source_file_missing", "prepare", ("data.sources.sft.data_files", "missing/smoltalk.jsonl"),
          ("data.sources.sft.source=files", "data.sources.sft.adapter=smoltalk",
           "data.sources.sft.data_files=missing/smoltalk.jsonl")),
     Case("init_from_missing_dir", "tokenizer", ("model.init_from", "/does/not/exist is not a directory"),
          ("model.init_from=hf:/does/not/exist",)),
-    Case("missing_params_yaml", "report", ("params.yaml not found", "python -m pipeline.params"),
+    Case("missing_params_yaml", "report", ("params.yaml not found", "make params"),
          break_it=lambda: Path("params.yaml").unlink(), subprocess=True),
     # ---- inputs: prepared data
     Case("empty_sft_split", "sft", ("data/prepared/sft.jsonl has no rows", "data.sizes.sft"),
@@ -136,8 +147,8 @@ CASES = [
     Case("preference_row_missing_field", "reward", ("data/prepared/preference.jsonl:7: missing field 'rejected'",),
          break_it=lambda: edit_line(Path("data/prepared/preference.jsonl"), 7, drop_field("rejected"))),
     Case("conversation_over_block_size", "sft",
-         (r"re:data/prepared/sft\.jsonl:\d+: the conversation has \d+ tokens, more than model\.block_size \(24\)",),
-         ("model.block_size=24",)),
+         ("data/prepared/sft.jsonl:4: the conversation has", "tokens, more than model.block_size (128)"),
+         break_it=lambda: edit_line(SFT, 4, lengthen_reply)),
     # ---- inputs: tokenizer and token shards
     Case("tokenizer_json_lacks_special_token", "sft",
          ("artifacts/tokenizer/tokenizer.json lacks the special tokens ['<|end|>']", "tokenizer.special_tokens"),
@@ -181,7 +192,7 @@ def run_case(case: Case, capsys) -> tuple[int, str, float]:
         proc = subprocess.run([sys.executable, "-m", f"stages.{case.stage}"], capture_output=True, text=True,
                               env=venv_env(PYTHONPATH=str(REPO)), timeout=120)
         return proc.returncode, proc.stderr, time.perf_counter() - start
-    from pipeline.runner import main
+    from stages import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(case.stage)

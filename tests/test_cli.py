@@ -79,12 +79,12 @@ def test_generate_answers_once_and_a_missing_checkpoint_is_named(micro_chain, tm
 
 
 def test_chat_keeps_the_template_and_drops_the_oldest_turns(in_chain):
-    from pipeline.checkpoint import load_gpt
-    from pipeline.cli import Chat
-    from pipeline.context import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.inference.chat import Chat
     from pipeline.inference.sampling import SamplingConfig
+    from pipeline.model.handoff import load_gpt
 
-    tok = load_tokenizer(compose_micro())
+    tok = load_tokenizer(compose_micro().tokenizer.special_tokens)
     model, _ = load_gpt("sft")
     chat = Chat(model, tok, SamplingConfig(4, 0.0), seed=0)
     streamed = []
@@ -104,4 +104,5 @@ def test_chat_keeps_the_template_and_drops_the_oldest_turns(in_chain):
         chat.turns.append((tok.encode(f"question {i}"), tok.encode("answer") + [tok.end_id]))
     ctx = chat.context("last?")
     assert len(ctx) <= model.config.block_size - 4 and ctx[0] == tok.bos_id
-    assert tok.decode(ctx).endswith("last?") and "question 39" in tok.decode(ctx) and "question 0" not in tok.decode(ctx)
+    text = tok.decode(ctx)
+    assert text.endswith("last?") and "question 39" in text and "question 0" not in text

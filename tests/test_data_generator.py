@@ -16,9 +16,16 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.data.prepare import SPLIT_FILES, load_split, prepare
+from pipeline.config.data import CORRUPTIONS, FAMILIES
+from pipeline.data.prepare import prepare
+from pipeline.data.splits import SPLIT_FILES, load_split
 from pipeline.data.tasks import (
-    CORRUPTIONS, FAMILIES, Problem, answer_for_key, check, extract_answer, final_answer, problem_key_in_eval,
+    Problem,
+    answer_for_key,
+    check,
+    extract_answer,
+    final_answer,
+    problem_key_in_eval,
     worked_solution,
 )
 from pipeline.data.world import build_world
@@ -100,7 +107,8 @@ def test_different_seed_changes_samples_not_partition(runs: dict[int, Path]) -> 
     assert (runs[1] / "pretrain.jsonl").read_bytes() != (runs[2] / "pretrain.jsonl").read_bytes()
     # The eval set is a function of the problem space only, so every seed is scored on it.
     assert rows(runs[1], "eval") == rows(runs[2], "eval")
-    keys = {r["key"] for run in runs.values() for split in (*TRAIN_SPLITS, "eval", "eval_hard") for r in rows(run, split)}
+    keys = {r["key"] for run in runs.values() for split in (*TRAIN_SPLITS, "eval", "eval_hard")
+            for r in rows(run, split)}
     for key in keys:
         for fraction in (0.05, EVAL_FRACTION, 0.5):
             assert problem_key_in_eval(key, fraction) == in_eval(key, fraction), key
@@ -355,15 +363,16 @@ def test_worked_solutions_ask_with_the_trigger_and_end_in_the_answer(runs: dict[
             assert r["demo_error"] is None
             assert final_answer(reply) == r["answer"]
             assert r["family"] == "fact" or r["answer"] == expected_answer(r["key"])
-            assert reply.endswith(f"Answer: {r['answer']}") and not check(r["answer"], reply)  # the strict check wants the bare answer
+            # the strict check wants the bare answer
+            assert reply.endswith(f"Answer: {r['answer']}") and not check(r["answer"], reply)
 
 
-def test_missing_field_is_named(tmp_path: Path) -> None:
+def test_a_field_left_out_takes_the_default_of_conf(tmp_path: Path) -> None:
+    from pipeline.config.data import DataConfig
+    from pipeline.config.load import compose
     cfg = small_cfg()
     del cfg["sizes"]["rl_prompts"]
-    with pytest.raises(ValueError, match=r"data\.sizes\.rl_prompts is missing"):
-        prepare(cfg, tmp_path / "data", progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert DataConfig.parse(cfg).sizes.rl_prompts == compose().data.sizes.rl_prompts
 
 
 def test_manifest_matches_files(runs: dict[int, Path]) -> None:

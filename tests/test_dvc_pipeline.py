@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from stages import registry
+
 from conftest import dvc, venv_env
 from wandb_records import run_info
 
-ALL_STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "export", "evaluate",
-              "report")
+ALL_STAGES = tuple(registry().names)
 
 
 @pytest.mark.slow

@@ -12,13 +12,16 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from conftest import compose_micro
-from pipeline.checkpoint import TOKENIZER_FILE, load_gpt
-from pipeline.context import load_tokenizer
-from pipeline.hf import (check_gpt2_config, check_imported_tokenizer, export_gpt2, import_tokenizer, init_source,
-                         load_gpt2_weights)
+from pipeline.config.model import GPTConfig, ModelConfig
+from pipeline.config.schema import ConfigError
+from pipeline.data.tokenizer import import_tokenizer, load_tokenizer
 from pipeline.inference.sampling import SamplingConfig, generate
-from pipeline.model import GPT, GPTConfig
+from pipeline.interop.hf import check_gpt2_config, check_imported_tokenizer, export_gpt2, load_gpt2_weights
+from pipeline.model.gpt import GPT
+from pipeline.model.handoff import load_gpt
+from pipeline.paths import TOKENIZER_FILE
+
+from conftest import compose_micro
 
 transformers = pytest.importorskip("transformers")
 SPECIALS = ["<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -32,7 +35,7 @@ def exported(micro_chain) -> Path:
 
 @pytest.fixture
 def pipeline_side(in_chain):
-    tok = load_tokenizer(compose_micro())
+    tok = load_tokenizer(compose_micro().tokenizer.special_tokens)
     model, _ = load_gpt("aligned", tok.sha256)
     return model, tok
 
@@ -123,7 +126,7 @@ def byte_level_tokenizer(special_tokens: list[str], vocab_size: int = 300) -> To
     return tok
 
 
-def random_gpt2(path: Path, **overrides) -> "transformers.GPT2LMHeadModel":
+def random_gpt2(path: Path, **overrides) -> transformers.GPT2LMHeadModel:
     """A randomly initialised transformers GPT-2 (OpenAI's tanh GELU) saved with a tokenizer lacking
     the pipeline's special tokens."""
     tok = byte_level_tokenizer(["<|endoftext|>"])
@@ -170,11 +173,11 @@ def test_import_refuses_a_mismatch_naming_the_field(tmp_path, change, message):
 
 
 def test_import_refuses_what_is_not_a_local_gpt2(tmp_path):
-    with pytest.raises(ValueError, match="hf:/path"):
-        init_source("gpt2")
+    with pytest.raises(ConfigError, match="model.init_from is 'gpt2': it must be null or hf:/path"):
+        ModelConfig.parse({"init_from": "gpt2"})
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        init_source(f"hf:{tmp_path / 'missing'}")
-    assert init_source(None) is None and init_source(f"hf:{tmp_path}") == tmp_path
+        ModelConfig.parse({"init_from": f"hf:{tmp_path / 'missing'}"}).init_dir()
+    assert ModelConfig().init_dir() is None and ModelConfig(init_from=f"hf:{tmp_path}").init_dir() == tmp_path
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="only GPT-2"):
         check_gpt2_config(tmp_path, GPTConfig())
@@ -184,7 +187,7 @@ def test_import_refuses_what_is_not_a_local_gpt2(tmp_path):
 
 def test_tokenizer_and_pretrain_stages_start_from_an_imported_gpt2(micro_chain, tmp_path, monkeypatch):
     """`model.init_from=hf:DIR`: the tokenizer stage takes DIR's tokenizer (+ special tokens), pretrain its weights."""
-    from pipeline.runner import run_stage
+    from stages import run_stage
 
     hf_dir = tmp_path / "gpt2"
     hf = random_gpt2(hf_dir, activation_function="gelu")
@@ -216,7 +219,7 @@ def test_export_then_import_round_trips(pipeline_side, exported):
 def test_import_without_transformers_says_how_to_install(monkeypatch):
     import sys
 
-    from pipeline.hf import require_transformers
+    from pipeline.interop.hf import require_transformers
     monkeypatch.setitem(sys.modules, "transformers", None)  # what an install without the extra looks like
     with pytest.raises(ImportError, match=r"pip install -e '\.\[export\]'"):
         require_transformers()

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import compose
+from pipeline.config.data import ADAPTER_KINDS, SPLIT_KINDS, CorpusConfig, DataConfig, SourceConfig, SourcesConfig
+from pipeline.config.load import compose
 from pipeline.data.datamodules import ChatData, PreferenceData
-from pipeline.data.hub import ADAPTERS, RowError, SourceConfig, load_rows, sources_from_cfg
-from pipeline.data.prepare import MANIFEST_FILE, SPLIT_FILES, load_split, prepare
-from pipeline.data.shards import CorpusConfig
+from pipeline.data.hub import ADAPTERS, RowError, load_rows
+from pipeline.data.prepare import check_sources, prepare
+from pipeline.data.splits import SPLIT_FILES, load_split
 from pipeline.data.tokenizer import ChatTokenizer, train_bpe
 from pipeline.inference.prompting import FewShotPool
+
+MANIFEST_FILE = "manifest.json"
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hub"
 SPECIALS = ["<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -98,7 +101,7 @@ def files_source(adapter: str, **extra: object) -> SourceConfig:
 
 @pytest.mark.parametrize("dataset", sorted(EXPECTED))
 def test_adapter_maps_its_datasets_schema(dataset):
-    _, adapt = ADAPTERS[dataset]
+    adapt = ADAPTERS[dataset]
     rows = fixture_rows(dataset)
     assert len(rows) == len(EXPECTED[dataset])
     keys = set()
@@ -122,9 +125,21 @@ def test_adapter_maps_its_datasets_schema(dataset):
     assert len(keys) == sum(isinstance(w, dict) for w in EXPECTED[dataset])
 
 
+def test_every_adapter_is_declared_with_the_kind_of_row_it_makes():
+    """The config checks adapters against ADAPTER_KINDS (no import of the adapters): the two must agree."""
+    from pipeline.data.hub import check_row
+    assert set(ADAPTERS) == set(ADAPTER_KINDS)
+    for name, adapt in ADAPTERS.items():
+        made = [row for raw, want in zip(fixture_rows(name), EXPECTED[name]) if isinstance(want, dict)
+                for row in [adapt(raw)]]
+        assert made, name
+        for row in made:
+            check_row(ADAPTER_KINDS[name], row)
+
+
 def test_gsm8k_key_hashes_the_question():
     raw = fixture_rows("gsm8k")[2]
-    assert ADAPTERS["gsm8k"][1](raw)["key"] == "gsm8k:" + hashlib.sha256(raw["question"].encode()).hexdigest()[:16]
+    assert ADAPTERS["gsm8k"](raw)["key"] == "gsm8k:" + hashlib.sha256(raw["question"].encode()).hexdigest()[:16]
 
 
 @pytest.mark.parametrize(("dataset", "row", "field"), [
@@ -132,7 +147,7 @@ def test_gsm8k_key_hashes_the_question():
     ("hh_rlhf", 3, "rejected"), ("gsm8k", 3, "answer"),
 ])
 def test_malformed_row_is_an_error_naming_dataset_row_and_field(dataset, row, field):
-    split = {"chat": "sft", "preference": "preference", "problem": "eval"}[ADAPTERS[dataset][0]]
+    split = {"chat": "sft", "preference": "preference", "problem": "eval"}[ADAPTER_KINDS[dataset]]
     with pytest.raises(ValueError, match=rf"data\.sources\.{split} \({dataset}: .*{dataset}\.jsonl.* row {row}: "
                                          rf"field '{re.escape(field)}'"):
         load_rows(split, files_source(dataset))
@@ -152,26 +167,32 @@ def test_max_rows_and_max_chars_are_counted(tmp_path):
 
 @pytest.mark.parametrize(("split", "node", "error"), [
     ("sft", {"source": "files", "adapter": "gsm8k", "data_files": str(FIXTURES / "gsm8k.jsonl")},
-     r"makes problem rows but sft holds chat rows: use one of smoltalk, ultrachat"),
+     r"data\.sources\.sft\.adapter 'gsm8k' makes problem rows but sft holds chat rows: use one of smoltalk, ultrachat"),
     ("eval", {"source": "hub", "adapter": "gsm8k"}, r"data\.sources\.eval\.path is required"),
-    ("eval", {"source": "hub", "adapter": "mmlu", "path": "x/y"}, r"adapter 'mmlu' is unknown"),
-    ("eval", {"source": "web"}, r"source 'web' is unknown"),
-    ("eval", {"source": "files", "adapter": "gsm8k", "data_files": "nowhere/gsm8k.jsonl"}, r"does not exist"),
+    ("eval", {"source": "hub", "adapter": "mmlu", "path": "x/y"}, r"data\.sources\.eval\.adapter 'mmlu' is unknown"),
+    ("eval", {"source": "web"}, r"data\.sources\.eval\.source 'web' is unknown: choose one of generated, hub, files"),
     ("eval", {"source": "files", "adapter": "gsm8k", "data_files": "gsm8k.csv"}, r"must end in one of"),
-    ("eval", {"source": "generated", "url": "x"}, r"unknown keys \['url'\]"),
+    ("eval", {"source": "generated", "url": "x"}, r"data\.sources\.eval\.url is not a setting of data\.sources\.eval"),
     ("eval", {"source": "files", "adapter": "gsm8k", "data_files": str(FIXTURES / "gsm8k.jsonl"), "max_rows": 0},
-     r"max_rows \(0\) must be a positive integer"),
+     r"data\.sources\.eval\.max_rows is 0: it must be >= 1"),
 ])
 def test_source_config_errors_name_the_field(split, node, error):
-    with pytest.raises((ValueError, FileNotFoundError), match=error):
-        SourceConfig.from_cfg(split, node)
+    with pytest.raises(ValueError, match=error):
+        SourcesConfig.parse({split: node}, "data.sources")
+
+
+def test_a_missing_source_file_is_refused_before_prepare_does_any_work(tmp_path):
+    cfg = DataConfig.parse({"sources": {"eval": {"source": "files", "adapter": "gsm8k",
+                                                 "data_files": "nowhere/gsm8k.jsonl"}}})
+    with pytest.raises(FileNotFoundError, match=r"data\.sources\.eval\.data_files names nowhere/gsm8k\.jsonl"):
+        check_sources(cfg)
 
 
 def test_missing_sources_mean_generated_and_unknown_splits_are_refused():
-    assert {c.source for c in sources_from_cfg(None).values()} == {"generated"}
-    assert {c.source for c in sources_from_cfg(compose([]).data.sources).values()} == {"generated"}
-    with pytest.raises(ValueError, match=r"unknown splits \['pretrain'\]"):
-        sources_from_cfg({"pretrain": {"source": "generated"}})
+    assert {c.source for c in SourcesConfig().external().values()} == set()
+    assert DataConfig.parse(compose([]).data).sources.external() == {}
+    with pytest.raises(ValueError, match=r"data\.sources\.pretrain is not a setting of data\.sources: its settings"):
+        SourcesConfig.parse({"pretrain": {"source": "generated"}}, "data.sources")
 
 
 def files_overrides(split: str, adapter: str, max_rows: int) -> list[str]:
@@ -219,7 +240,8 @@ def test_prepare_writes_chat_splits_from_hub_fixtures(tmp_path):
 
 
 def test_hub_training_and_eval_sharing_rows_is_refused(tmp_path):
-    cfg = compose(["experiment=micro", *files_overrides("rl_prompts", "gsm8k", 2), *files_overrides("eval", "gsm8k", 3)])
+    cfg = compose(["experiment=micro", *files_overrides("rl_prompts", "gsm8k", 2),
+                   *files_overrides("eval", "gsm8k", 3)])
     with pytest.raises(RuntimeError, match="leakage audit found 2"):
         prepare(cfg.data, tmp_path / "data", progress=False)
     assert not (tmp_path / "data").exists()
@@ -227,15 +249,15 @@ def test_hub_training_and_eval_sharing_rows_is_refused(tmp_path):
 
 def test_tinystories_and_hub_configs_compose():
     default, tiny = compose([]).data, compose(["data=tinystories"]).data
-    corpus = CorpusConfig.from_cfg(tiny.corpus)
+    corpus = CorpusConfig.parse(tiny.corpus)
     assert (corpus.source, corpus.path, corpus.split, corpus.val_split, corpus.text_field) == (
         "hub", "roneneldan/TinyStories", "train", "validation", "text")
     assert {k: v for k, v in tiny.items() if k != "corpus"} == {k: v for k, v in default.items() if k != "corpus"}
 
     hub = compose(["data=hub"]).data
     assert hub.corpus == tiny.corpus
-    sources = sources_from_cfg(hub.sources)  # validates each adapter against its split
-    assert {s: (c.source, c.adapter) for s, c in sources.items()} == {
+    sources = DataConfig.parse(hub).sources  # checks each adapter against its split
+    assert {s: (getattr(sources, s).source, getattr(sources, s).adapter) for s in SPLIT_KINDS} == {
         "sft": ("hub", "smoltalk"), "preference": ("hub", "ultrafeedback"), "rl_prompts": ("hub", "gsm8k"),
         "eval": ("hub", "gsm8k"), "eval_hard": ("generated", None)}
-    assert (sources["rl_prompts"].split, sources["eval"].split) == ("train", "test")  # GSM8K's own split
+    assert (sources.rl_prompts.split, sources.eval.split) == ("train", "test")  # GSM8K's own split

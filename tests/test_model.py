@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from pipeline.model import GPT, GPTConfig
-from pipeline.model.gpt import sinusoidal_table
+from pipeline.config.model import GPTConfig
+from pipeline.model.gpt import GPT, sinusoidal_table
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32)
 

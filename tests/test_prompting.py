@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.data.prepare import load_split, prepare
+from pipeline.data.prepare import prepare
+from pipeline.data.splits import load_split
 from pipeline.data.tokenizer import ChatTokenizer, train_bpe
 from pipeline.evaluation.metrics import PromptSet, check_final
 from pipeline.inference.prompting import FewShotPool, PromptTemplates, few_shot_prompt
@@ -120,11 +121,13 @@ def test_templates_shape_every_prompt_and_cot_asks_with_the_training_trigger(dat
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("zero_shot", "Tell me", "must contain {question}"),
     ("cot", "{question} {steps}", "use only {question} and {trigger}"),
-    ("shots", -1, "non-negative"),
+    ("shots", -1, "it must be >= 0"),
 ])
 def test_bad_templates_are_refused_by_field(field, value, message):
-    with pytest.raises(ValueError, match=f"evaluate.prompts.{field}.*{message}".replace("{", r"\{").replace("}", r"\}")):
-        PromptTemplates(**{field: value})
+    from pipeline.config.evaluate import PromptsConfig
+    pattern = f"evaluate.prompts.{field}.*{message}".replace("{", r"\{").replace("}", r"\}")
+    with pytest.raises(ValueError, match=pattern):
+        PromptsConfig.parse({field: value})
 
 
 def test_cot_grading_reads_the_committed_answer():

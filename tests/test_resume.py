@@ -15,8 +15,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import KILLS, compose_micro
 from pipeline.io import file_sha256
+
+from conftest import KILLS, compose_micro
 from wandb_records import run_info
 
 TIMING = {"wall_time_s", "tokens_per_sec", "mfu"}  # measured, not computed: differ between any two runs
@@ -59,8 +60,8 @@ def test_dvc_repro_after_sigkill_resumes_to_the_uninterrupted_result(stage, micr
 
 
 def test_a_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(micro_chain, tmp_path, monkeypatch, capsys):
-    from pipeline.objectives.lm import LanguageModeling
-    from pipeline.runner import main
+    from pipeline.training.lm import LanguageModeling
+    from stages import main
 
     work = tmp_path / "work"
     shutil.copytree(micro_chain, work, ignore=shutil.ignore_patterns("wandb", "outputs"))
@@ -100,7 +101,7 @@ def test_a_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(micro_cha
 def test_the_same_seed_gives_the_same_metrics(micro_chain, tmp_path, monkeypatch):
     """CPU, one process: pretraining twice from the same seed gives the same metrics (the chain-wide
     comparison across processes is test_dvc_repro_after_sigkill_resumes_to_the_uninterrupted_result)."""
-    from pipeline.runner import run_stage
+    from stages import run_stage
 
     runs = []
     for name in ("first", "second"):

@@ -4,9 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model import GPT, GPTConfig
-from pipeline.objectives.reward_model import ScalarHead, pairwise_stats
-from pipeline.objectives.rollout import build_sequences, gae, kl_penalty, masked_whiten, response_logprobs
+from pipeline.alignment.rollout import gae, kl_penalty, masked_whiten
+from pipeline.config.model import GPTConfig
+from pipeline.inference.sequences import build_sequences
+from pipeline.model.gpt import GPT
+from pipeline.model.heads import ScalarHead
+from pipeline.model.logprobs import response_logprobs
+from pipeline.registry import StageSpec
+from pipeline.training.reward import pairwise_stats
 
 
 def test_gae_matches_a_hand_computation():
@@ -56,22 +61,26 @@ def test_packed_sequences_give_the_same_logprobs_as_single_rows():
 def test_bradley_terry_loss_and_accuracy():
     s = pairwise_stats(torch.tensor([2.0, -1.0]), torch.tensor([0.0, 0.0]))
     assert float(s["accuracy"]) == 0.5
-    expected = -(torch.nn.functional.logsigmoid(torch.tensor(2.0)) + torch.nn.functional.logsigmoid(torch.tensor(-1.0))) / 2
+    logsigmoid = torch.nn.functional.logsigmoid
+    expected = -(logsigmoid(torch.tensor(2.0)) + logsigmoid(torch.tensor(-1.0))) / 2
     torch.testing.assert_close(s["loss"], expected)
 
 
 def test_one_ppo_iteration_moves_the_policy_and_nothing_frozen(in_chain):
     """A real rollout + update on the micro chain's checkpoints, through the shared `fit`."""
-    from conftest import compose_micro
-    from pipeline.context import DATA_DIR, load_tokenizer
-    from pipeline.checkpoint import load_gpt
+    from pipeline.alignment import methods
+    from pipeline.alignment.methods.ppo import PPO
     from pipeline.data.datamodules import PromptData
-    from pipeline.objectives.reward_model import load_reward_model
-    from pipeline.objectives.ppo import PPO
-    from pipeline.train import fit
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.model.handoff import load_gpt, load_reward_model
+    from pipeline.paths import PREPARED
+    from pipeline.training.trainer import fit
 
-    cfg = compose_micro("align.steps=1", "align.critic_warmup=0", "align.adaptive_kl.target=0.5")
-    tok = load_tokenizer(cfg)
+    from conftest import micro_config
+
+    cfg = micro_config("align.steps=1", "align.critic_warmup=0", "align.adaptive_kl.target=0.5", "align.optim.lr=1e-3")
+    _, acfg = methods.load(cfg)
+    tok = load_tokenizer(cfg.tokenizer.special_tokens)
     policy, _ = load_gpt("sft")
     reference, _ = load_gpt("sft")
     rm = load_reward_model(policy.config)
@@ -79,13 +88,12 @@ def test_one_ppo_iteration_moves_the_policy_and_nothing_frozen(in_chain):
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     ref_before = {k: v.clone() for k, v in reference.state_dict().items()}
     rm_before = {k: v.clone() for k, v in rm.state_dict().items()}
-    cfg.align.optim.lr = 1e-3
-    module = PPO(policy.train(), reference, critic.train(), rm, tok, cfg.align, seed=0)
-    _, curves, _ = fit(module, PromptData(DATA_DIR, cfg.align.rollout_batch, 1, 0), cfg, "align_test",
+    module = PPO(policy.train(), reference, critic.train(), rm, tok, acfg, seed=0)
+    _, curves, _ = fit(module, PromptData(PREPARED, acfg.rollout_batch, 1, 0), cfg, StageSpec("align_test", "a test"),
                        validate=False, max_epochs=1, log_every=1)
     # the adaptive controller shaped this rollout with the initial beta, then moved it
-    assert curves.train[0]["objective/kl_coef"] == pytest.approx(cfg.align.kl_coef)
-    assert module.beta != cfg.align.kl_coef
+    assert curves.train[0]["objective/kl_coef"] == pytest.approx(acfg.kl_coef)
+    assert module.beta != acfg.kl_coef
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
     assert all(torch.equal(ref_before[k], v) for k, v in reference.state_dict().items())
     assert all(torch.equal(rm_before[k], v) for k, v in rm.state_dict().items())
@@ -96,7 +104,7 @@ def test_reward_model_likelihood_term_needs_the_response_mask_and_uses_a_frozen_
     backbone = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16))
     rm = ScalarHead(backbone, likelihood_term=True)
     seq, attn, mask, P = build_sequences([[1, 2, 3]], [[4, 5]], pad_id=0)
-    from pipeline.objectives.rollout import response_positions
+    from pipeline.inference.sequences import response_positions
     with pytest.raises(ValueError, match="response_mask"):
         rm(seq, torch.tensor([seq.size(1) - 1]), attn)
     score = rm(seq, torch.tensor([seq.size(1) - 1]), attn, response_mask=response_positions(mask, P))
@@ -108,15 +116,17 @@ def test_reward_model_likelihood_term_needs_the_response_mask_and_uses_a_frozen_
 
 
 def test_on_policy_pairs_hold_only_wrong_samples(in_chain):
-    from conftest import compose_micro
-    from pipeline.checkpoint import load_gpt
-    from pipeline.context import DATA_DIR, load_tokenizer
-    from pipeline.data.prepare import load_split
+    from pipeline.data.splits import load_split
     from pipeline.data.tasks import check
-    from pipeline.objectives.reward_model import on_policy_pairs
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.model.handoff import load_gpt
+    from pipeline.paths import PREPARED
+    from pipeline.training.reward import on_policy_pairs
 
-    tok = load_tokenizer(compose_micro())
-    rows = load_split(DATA_DIR, "rl_prompts")[:16]
+    from conftest import micro_config
+
+    tok = load_tokenizer(micro_config().tokenizer.special_tokens)
+    rows = load_split(PREPARED, "rl_prompts")[:16]
     pairs = on_policy_pairs(load_gpt("sft")[0], tok, rows, samples=3, max_new_tokens=6, temperature=1.0, seed=0)
     assert pairs, "an untrained micro policy answers some prompts wrongly"
     for p in pairs:
@@ -137,6 +147,6 @@ def test_logprobs_follow_the_sampling_temperature():
 
 
 def test_group_centre_removes_each_prompts_mean():
-    from pipeline.objectives.rollout import group_centre
+    from pipeline.alignment.rollout import group_centre
     scores = torch.tensor([1.0, 3.0, 10.0, 14.0, -2.0, -2.0])
     torch.testing.assert_close(group_centre(scores, 2), torch.tensor([-1.0, 1.0, -2.0, 2.0, 0.0, 0.0]))

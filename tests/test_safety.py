@@ -8,7 +8,7 @@
   offline defaults: it finishes, W&B writes offline run files, and no file of the repo nor the output
   holds a sentinel. A hub dataset asked for with no network fails fast, naming the fix.
 - `WANDB_MODE=online` with no network logs offline within seconds, with a warning naming `wandb sync`,
-  instead of W&B retrying ~90 s and failing the stage (pipeline/wandb_mode.py).
+  instead of W&B retrying ~90 s and failing the stage (pipeline/harness/wandb_mode.py).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import NO_NETWORK, REPO, SENTINELS, venv_env
 
 SCANNED = ("pipeline", "stages", "benchmarks")
@@ -174,10 +175,11 @@ def test_a_hub_source_with_no_network_fails_fast_with_the_fix(tmp_path):
 
 ONLINE_PROBE = """
 import os, sys, time
-from pipeline.config import compose
-from pipeline.runner import setup_environment
+from pipeline.config.load import compose
+from pipeline.config.root import load_config
+from pipeline.harness.runner import setup_environment
 start = time.monotonic()
-setup_environment(compose(["experiment=micro", "logger=wandb"]))
+setup_environment(load_config(compose(["experiment=micro", "logger=wandb"])))
 print("mode", os.environ["WANDB_MODE"], round(time.monotonic() - start, 1), flush=True)
 if os.environ["WANDB_MODE"] == "online":
     sys.exit(3)  # wandb.init would retry ~90 s and raise

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.config.model import GPTConfig
 from pipeline.inference.sampling import SamplingConfig, filter_logits, generate, penalize_repetition
-from pipeline.model import GPT, GPTConfig
+from pipeline.model.gpt import GPT
 
 
 def tiny_model(seed: int = 0) -> GPT:

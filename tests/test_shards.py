@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.config.data import CorpusConfig
 from pipeline.data.datamodules import PretrainData, RandomWindows
-from pipeline.data.shards import CorpusConfig, TokenShards, open_corpus, token_dtype, write_tokens
+from pipeline.data.shards import TokenShards, open_corpus, token_dtype, write_tokens
 from pipeline.data.tokenizer import ChatTokenizer, train_bpe
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -37,7 +38,8 @@ def stream(tok: ChatTokenizer, texts: list[str]) -> list[int]:
 
 
 def shards_from_files(tmp_path: Path, tok: ChatTokenizer, **corpus) -> tuple[Path, dict]:
-    cfg = CorpusConfig(source="files", data_files=str(write_jsonl(tmp_path / "docs.jsonl", TEXTS)), val_docs=4, **corpus)
+    files = str(write_jsonl(tmp_path / "docs.jsonl", TEXTS))
+    cfg = CorpusConfig(source="files", data_files=files, val_docs=4, **corpus)
     meta = write_tokens(open_corpus(cfg, tmp_path), tok, tmp_path / "tokens", cfg)
     return tmp_path / "tokens", meta
 
@@ -117,11 +119,12 @@ def test_the_generated_source_reads_what_prepare_wrote(tmp_path, tok):
     ({"source": "files"}, "data.corpus.data_files is required"),
     ({"shard_tokens": 0}, "data.corpus.shard_tokens"),
     ({"streaming": True, "num_proc": 2}, "data.corpus.num_proc needs streaming: false"),
-    ({"text_feild": "body"}, r"unknown keys \['text_feild'\]"),
+    ({"text_feild": "body"},
+     r"data\.corpus\.text_feild is not a setting of data\.corpus: did you mean data\.corpus\.text_field\?"),
 ])
 def test_a_bad_corpus_config_names_the_field(corpus, match):
     with pytest.raises(ValueError, match=match):
-        CorpusConfig.from_cfg(corpus)
+        CorpusConfig.parse(corpus)
 
 
 def test_a_missing_text_field_or_file_is_named_with_the_fix(tmp_path):

@@ -8,24 +8,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import load_gpt, load_into
 from pipeline.data.datamodules import ChatData
 from pipeline.data.tokenizer import IGNORE_INDEX
-from pipeline.model import GPT
-from pipeline.objectives.reward_model import ScalarHead, load_reward_model
+from pipeline.model.gpt import GPT
+from pipeline.model.handoff import load_gpt, load_into, load_reward_model
+from pipeline.model.heads import ScalarHead
+from stages import registry
 
 
 def metrics(stage: str) -> dict:
     return json.loads(Path(f"metrics/{stage}.json").read_text())
 
 
-def test_every_stage_wrote_its_metrics_and_outputs(in_chain):
-    for stage in ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "evaluate", "report"):
-        assert Path(f"metrics/{stage}.json").is_file(), stage
-    for out in ("data/prepared/sft.jsonl", "artifacts/tokenizer/tokenizer.json", "artifacts/pretrain/model.safetensors",
-                "artifacts/sft/model.safetensors", "artifacts/reward/model.safetensors",
-                "artifacts/aligned/model.safetensors", "artifacts/sft_control/model.safetensors", "reports/report.md"):
-        assert Path(out).is_file(), out
+def test_every_stage_wrote_what_its_spec_declares(in_chain):
+    for stage in registry():
+        for path in stage.spec.made():
+            assert path.exists(), f"stage {stage.name} declares {path} but did not write it"
+        for ckpt in stage.spec.writes:
+            assert (ckpt.path / "model.safetensors").is_file() and (ckpt.path / "meta.json").is_file()
+            meta = json.loads((ckpt.path / "meta.json").read_text())
+            assert (meta["name"], meta["kind"]) == (ckpt.name, ckpt.kind)
+    assert Path("data/prepared/sft.jsonl").is_file() and Path("artifacts/tokenizer/tokenizer.json").is_file()
     assert not list(Path("artifacts").glob(".*tmp*")), "a temporary output was left behind"
 
 
@@ -65,18 +68,20 @@ def test_a_reward_checkpoint_is_not_taken_for_a_language_model(in_chain):
 
 
 def test_sft_batches_put_loss_only_on_answers(in_chain):
-    from pipeline.context import DATA_DIR, load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.paths import PREPARED
+
     from conftest import compose_micro
 
-    tok = load_tokenizer(compose_micro())
-    data = ChatData(DATA_DIR, tok, 128, 4, seed=0)
+    tok = load_tokenizer(compose_micro().tokenizer.special_tokens)
+    data = ChatData(PREPARED, tok, 128, 4, seed=0)
     data.setup()
     batches = list(data.train_dataloader())
     for batch in batches[:3]:
         for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-            first = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
+            first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
             assert ids[first] == tok.assistant_id  # the first supervised prediction follows <|assistant|>
-            assert tok.end_id in labels and tok.user_id not in [l for l in labels if l != IGNORE_INDEX]
+            assert tok.end_id in labels and tok.user_id not in [t for t in labels if t != IGNORE_INDEX]
     # grouped by length: an epoch is every row once, and a batch pads far less than a random one would
     lengths = sorted(len(ids) for ids, _ in data.train_set)
     assert sum(b["input_ids"].size(0) for b in batches) == len(data.train_set) // 4 * 4
@@ -88,7 +93,7 @@ def test_sft_batches_put_loss_only_on_answers(in_chain):
 
 def test_evaluate_table_has_every_checkpoint_and_metric(in_chain):
     table = metrics("evaluate")
-    assert set(table) == {"pretrain", "sft", "sft_control", "aligned", "verdict"}
+    assert list(table) == [c.name for c in registry().checkpoints("gpt")] + ["verdict"]
     verdict = table.pop("verdict")
     assert verdict["method"] == "ppo" and verdict["exact_match_vs_sft"] == pytest.approx(
         table["aligned"]["exact_match"] - table["sft"]["exact_match"], abs=1e-6)
@@ -110,7 +115,7 @@ def test_align_logs_trl_metric_names(in_chain):
 
 
 def test_training_stages_record_their_device_and_tokens(in_chain):
-    for stage in ("pretrain", "sft", "reward", "align", "sft_control"):
+    for stage in registry().trained():
         m = metrics(stage)
         assert m["device"].startswith("cpu (") and m["tokens"] > 0, (stage, m.get("device"), m.get("tokens"))
     assert metrics("pretrain")["tokens"] == metrics("pretrain")["tokens_seen"]  # fixed-size windows: every token

@@ -14,17 +14,19 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
+
+from stages import registry
 
 from conftest import REPO, venv_env
 from wandb_records import run_info
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                 "GIT_COMMITTER_EMAIL": "t@t"}
-STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "export", "evaluate",
-          "report")
+STAGES = tuple(registry().names)
 NAME = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-/_]*[a-zA-Z0-9])?")  # an artifact name or label for GTO (gto.constants.name)
 
 
@@ -68,11 +70,12 @@ def test_the_default_remote_is_per_user_and_the_registry_names_every_checkpoint(
 
     conf = ConfigObj(str(REPO / ".dvc" / "config"))
     assert conf[f'remote "{conf["core"]["remote"]}"']["url"] == "~/.cache/gpt-pipeline/dvc-remote"
-    registry = yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"]
-    assert {a["path"] for a in registry.values()} == {"data/prepared", "data/tokens", *(f"artifacts/{d}" for d in (
-        "tokenizer", "pretrain", "sft", "reward", "aligned", "sft_control", "export"))}
-    assert {a["path"] for a in registry.values()} <= set(declared_outs(REPO))
-    for name, artifact in registry.items():
+    checkpoints = [c.name for c in registry().checkpoints()]
+    artifacts = yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"]
+    assert {a["path"] for a in artifacts.values()} == {"data/prepared", "data/tokens", "artifacts/tokenizer",
+                                                        "artifacts/export", *(f"artifacts/{c}" for c in checkpoints)}
+    assert {a["path"] for a in artifacts.values()} <= set(declared_outs(REPO))
+    for name, artifact in artifacts.items():
         kind = "dataset" if artifact["path"].startswith("data/") else "model"
         assert artifact["type"] == kind and artifact["desc"] and artifact["labels"], name
         assert all(NAME.fullmatch(word) for word in (name, *artifact["labels"])), (name, artifact["labels"])
@@ -84,8 +87,8 @@ def test_a_fresh_clone_pulls_the_run_from_the_default_remote_instead_of_retraini
     """The committed default remote (`~/.cache/gpt-pipeline/dvc-remote`, one per user) with HOME in
     tmp_path: the clone that trained pushes, a second clone of it pulls with no configuration, its
     `dvc repro` reruns nothing, and the pulled checkpoints score what they scored where they were trained."""
-    from pipeline.config import load_params
-    from pipeline.runner import run_stage
+    from pipeline.config.load import load_params
+    from stages import run_stage
 
     home = {"HOME": str(tmp_path / "home")}
     ours = committed_copy(micro_repo, tmp_path / "ours")
@@ -169,9 +172,17 @@ def test_the_run_id_names_the_commit_the_config_and_any_uncommitted_code(tmp_pat
     """In a real git repo: the id is run-<commit>-<config hash>, equal for every stage of one config; an
     uncommitted edit or new file under pipeline/ or stages/ adds a hash of the change (another edit,
     another hash), a config file does not (the config hash has it); `run.id` and DVC's experiment win."""
-    from omegaconf import OmegaConf
+    import pipeline.config.identity as config
 
-    import pipeline.config as config
+    class Cfg:  # what the run identity reads of a config: its dump and run.id
+        def __init__(self, d: dict) -> None:
+            self.d, self.run = d, SimpleNamespace(id=d["run"]["id"])
+
+        def to_dict(self) -> dict:
+            return json.loads(json.dumps(self.d))
+
+        def merged(self, **change) -> Cfg:
+            return Cfg({**self.d, **change})
 
     repo = tmp_path / "repo"
     for name, text in {"pipeline/a.py": "x = 1\n", "stages/b.py": "y = 2\n", "conf/c.yaml": "z: 3\n"}.items():
@@ -182,13 +193,13 @@ def test_the_run_id_names_the_commit_the_config_and_any_uncommitted_code(tmp_pat
     sh(repo, "git", "commit", "-qm", "one")
     monkeypatch.setattr(config, "PROJECT_ROOT", repo)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    cfg = OmegaConf.create({"seed": 1, "stage": "pretrain", "run": {"id": None}})
+    cfg = Cfg({"seed": 1, "stage": "pretrain", "run": {"id": None}})
     commit = sh(repo, "git", "rev-parse", "HEAD").strip()
     clean = config.run_identity(cfg)
     assert clean["run_id"] == f"run-{commit[:7]}-{config.config_hash(cfg)}" and clean["git_commit"] == commit
     assert not clean["git_dirty"] and clean["dvc_experiment"] is None
-    assert config.run_id(OmegaConf.merge(cfg, {"stage": "evaluate"})) == clean["run_id"]  # every stage of the run
-    assert config.run_id(OmegaConf.merge(cfg, {"seed": 2})) != clean["run_id"]
+    assert config.run_id(cfg.merged(stage="evaluate")) == clean["run_id"]  # every stage of the run
+    assert config.run_id(cfg.merged(seed=2)) != clean["run_id"]
 
     (repo / "conf" / "c.yaml").write_text("z: 4\n")
     assert config.run_id(cfg) == clean["run_id"]
@@ -205,15 +216,20 @@ def test_the_run_id_names_the_commit_the_config_and_any_uncommitted_code(tmp_pat
 
     monkeypatch.setenv("DVC_EXP_NAME", "lr-3e-4")
     assert config.run_identity(cfg)["dvc_experiment"] == "lr-3e-4"
-    assert config.run_id(OmegaConf.merge(cfg, {"run": {"id": "baseline-v2"}})) == "baseline-v2"
+    assert config.run_id(cfg.merged(run={"id": "baseline-v2"})) == "baseline-v2"
 
 
-def test_lineage_follows_the_deps_and_outputs_in_dvc_yaml():
-    """Each stage uses the registered objects its deps lie under and makes those its outputs lie under,
+def test_lineage_follows_what_each_stage_reads_and_writes():
+    """Each stage uses the registered objects its inputs lie under and makes those its outputs lie under,
     which chains data -> tokenizer -> pretrain -> sft -> reward -> aligned -> evaluation -> report."""
-    from pipeline.tracking import artifact_mode, stage_lineage
+    from pipeline.config.root import load_config
+    from pipeline.config.schema import ConfigError
+    from pipeline.harness.tracking import stage_lineage
 
-    lineage = {stage: tuple([a.name for a in side] for side in stage_lineage(stage)) for stage in STAGES}
+    from conftest import compose_micro, micro_config
+
+    chain, cfg = registry(), micro_config()
+    lineage = {s.name: tuple([a.name for a in side] for side in stage_lineage(chain, s.spec, cfg)) for s in chain}
     assert lineage["prepare"] == ([], ["prepared-data"])
     assert lineage["tokenizer"] == (["prepared-data"], ["tokens", "tokenizer"])
     assert lineage["pretrain"] == (["tokens", "tokenizer"], ["pretrain"])
@@ -221,8 +237,16 @@ def test_lineage_follows_the_deps_and_outputs_in_dvc_yaml():
     assert {"sft", "reward"} <= set(lineage["align"][0]) and lineage["align"][1] == ["aligned"]
     assert {"pretrain", "sft", "sft_control", "aligned", "reward"} <= set(lineage["evaluate"][0])
     assert lineage["evaluate"][1] == ["evaluation"] and lineage["report"] == (["evaluation"], ["report"])
-    with pytest.raises(ValueError, match="logger.artifacts 'copy' is unknown: choose one of reference, files, none"):
-        artifact_mode({"logger": {"name": "wandb", "artifacts": "copy"}})
+    assert "reward" not in lineage_of(chain, "align", "align=dpo")  # DPO reads no reward model
+    with pytest.raises(ConfigError, match="logger.artifacts 'copy' is unknown: choose one of reference, files, none"):
+        load_config(compose_micro("logger=wandb", "logger.artifacts=copy"))
+
+
+def lineage_of(chain, stage: str, *overrides: str) -> list[str]:
+    from pipeline.harness.tracking import stage_lineage
+
+    from conftest import micro_config
+    return [a.name for a in stage_lineage(chain, chain[stage].spec, micro_config(*overrides))[0]]
 
 
 def md5_b64(path: Path) -> str:
@@ -280,14 +304,15 @@ def test_a_use_recorded_by_reference_has_the_digest_of_an_uploaded_copy(tmp_path
     """With `logger.artifacts=files` the producer uploads copies while consumers record their use by
     reference (no copy): W&B resolves a use by digest, so both kinds must give the same one, and any
     changed byte another."""
-    from pipeline.tracking import ArtifactSpec, build_artifact
+    from pipeline.harness.tracking import build_artifact
+    from pipeline.registry import Artifact
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # where copies are staged
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
     (tmp_path / "ckpt" / "meta.json").write_text('{"kind": "gpt"}')
-    spec = ArtifactSpec("sft", "ckpt", "model")
+    spec = Artifact("sft", "ckpt", "model", "a checkpoint")
     uploaded, referenced = (build_artifact(spec, mode).manifest for mode in ("files", "reference"))
     assert uploaded.digest() == referenced.digest()
     assert {e.ref for e in referenced.entries.values()} == {(tmp_path / "ckpt" / n).as_uri()

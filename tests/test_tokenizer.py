@@ -44,7 +44,7 @@ def test_chat_template_masks_everything_but_the_answer(tok):
     ids, labels = tok.conversation("What is 2 + 3?", "5")
     assert ids[:2] == [tok.bos_id, tok.user_id] and ids[-1] == tok.end_id
     answer_at = ids.index(tok.assistant_id) + 1
-    assert all(l == IGNORE_INDEX for l in labels[:answer_at])
+    assert all(label == IGNORE_INDEX for label in labels[:answer_at])
     assert labels[answer_at:] == ids[answer_at:]
     assert tok.decode(labels[answer_at:]) == "5"
     assert tok.prompt("What is 2 + 3?") == ids[:answer_at]
@@ -71,9 +71,13 @@ def test_missing_special_token_is_refused(tmp_path):
         ChatTokenizer.load(path, SPECIALS[:4] + ["<|system|>"])
 
 
-def test_too_small_vocab_is_refused():
-    with pytest.raises(ValueError, match="vocab_size"):
-        train_bpe(TEXTS, 100, SPECIALS)
+def test_too_small_vocab_is_refused_unless_the_tokenizer_is_imported():
+    from pipeline.config.load import compose
+    from pipeline.config.root import load_config
+    with pytest.raises(ValueError, match=r"tokenizer\.vocab_size is 100: it must be >= 261 \(the 256 bytes and 5"):
+        load_config(compose(["tokenizer.vocab_size=100"]))
+    imported = load_config(compose(["tokenizer.vocab_size=100", "model.init_from=hf:/a/checkpoint"]))
+    assert imported.tokenizer.vocab_size == 100
 
 
 def test_a_pickled_tokenizer_still_refuses_to_forge_special_tokens(tok):

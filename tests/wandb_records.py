@@ -48,7 +48,7 @@ def read_records(path: str | Path) -> list[pb.Record]:
 def run_info(run_dir: str | Path) -> dict:
     """group, job_type, run id, tags, config, summary, history keys and the last logged value of each key,
     and the artifacts logged (`made`) and used (`used`: logged with use_after_commit, see
-    pipeline/tracking.py), each {name, type, digest, aliases, metadata}, of one offline run directory."""
+    pipeline/harness/tracking.py), each {name, type, digest, aliases, metadata}, of one offline run directory."""
     (path,) = Path(run_dir).glob("run-*.wandb")
     info: dict = {"history_keys": set(), "config": {}, "last": {}, "summary": {}, "made": [], "used": []}
     for rec in read_records(path):

@@ -28,9 +28,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from pipeline.data.prepare import load_split
-from pipeline.data.shards import TOKENS_DIR, TokenShards
+from pipeline.data.shards import TokenShards
+from pipeline.data.splits import load_split
 from pipeline.data.tokenizer import IGNORE_INDEX, ChatTokenizer
+from pipeline.dist import data_parallel
+from pipeline.paths import TOKENS
 
 
 class RandomWindows(IterableDataset):
@@ -79,13 +81,6 @@ class FixedWindows(Dataset):
         return {"input_ids": w[:-1], "labels": w[1:]}
 
 
-def data_parallel() -> tuple[int, int]:
-    """(rank, world size) of the process group, or (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def rank_share(dataset) -> Sampler[int] | None:
     """Validation rows for this rank: every world_size-th, in order (None = all, without ranks). With
     `limit_val_batches`, the ranks together score the rows one process would."""
@@ -131,7 +126,7 @@ class GlobalBatchSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
         self.epoch = epoch
 
-    def start(self, epoch: int, skip: int) -> "GlobalBatchSampler":
+    def start(self, epoch: int, skip: int) -> GlobalBatchSampler:
         self.epoch, self.skip = epoch, skip
         return self
 
@@ -176,7 +171,7 @@ class PretrainData(Resumable, L.LightningDataModule):
     """
 
     def __init__(self, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
-                 tokens_dir: Path = TOKENS_DIR, num_workers: int = 0) -> None:
+                 tokens_dir: Path = TOKENS, num_workers: int = 0) -> None:
         super().__init__()
         self.tok, self.block_size, self.batch_size, self.seed = tok, block_size, batch_size, seed
         self.tokens_dir, self.num_workers = Path(tokens_dir), num_workers
@@ -296,7 +291,7 @@ class ChatData(HeldOutData):
 
     def collate(self, items: list[tuple[list[int], list[int]]]) -> dict:
         return {"input_ids": pad_right([i for i, _ in items], self.tok.pad_id),
-                "labels": pad_right([l for _, l in items], IGNORE_INDEX)}
+                "labels": pad_right([labels for _, labels in items], IGNORE_INDEX)}
 
 
 class PreferenceData(HeldOutData):

@@ -1,8 +1,8 @@
 """Chat, preference and problem splits from a Hub dataset (or local files in its schema), by adapter.
 
-Holds `SourceConfig` (one entry of `data.sources`), `ADAPTERS` (dataset name -> the kind of row it
-makes and a function from one of the dataset's rows to one of ours, or None to skip it) and
-`load_rows` (read a source, map, validate, cap).
+Holds `ADAPTERS` (dataset name -> a function from one of the dataset's rows to one of ours, or None to
+skip it; the kind of row each makes is `pipeline.config.data.ADAPTER_KINDS`) and `load_rows` (read a
+source, map, validate, cap). One entry of `data.sources` is `pipeline.config.data.SourceConfig`.
 
 Design choices:
 - An adapter reads one row in its dataset's own schema and returns a row in the pipeline's schema
@@ -37,16 +37,9 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from typing import Any
 
-from pipeline.data.shards import file_builder
-
-SOURCES = ("generated", "hub", "files")
-# Which kind of row each split holds (what its readers in datamodules/evaluate expect).
-SPLIT_KINDS: dict[str, str] = {"sft": "chat", "preference": "preference", "rl_prompts": "problem",
-                               "eval": "problem", "eval_hard": "problem"}
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+from pipeline.config.data import ADAPTER_KINDS, SOURCE_FILES, SourceConfig, file_builder
 
 
 class RowError(ValueError):
@@ -55,82 +48,6 @@ class RowError(ValueError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(problem)
         self.field = field
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    """Where one split comes from (`data.sources.<split>`)."""
-
-    source: str = "generated"
-    """generated: the embedded generator (data.sizes); hub: an HF dataset; files: local files."""
-    adapter: str | None = None
-    """hub/files: how rows map onto the split's schema, one of ADAPTERS."""
-    path: str | None = None
-    """hub: dataset id, e.g. HuggingFaceTB/smoltalk."""
-    name: str | None = None
-    """hub: dataset config, e.g. all (smoltalk) or main (gsm8k)."""
-    data_files: Any = None
-    """files: a .jsonl/.json/.parquet path, a list, or {split: paths}, rows in the dataset's own schema."""
-    split: str = "train"
-    """hub/files: the dataset split to read."""
-    max_rows: int | None = None
-    """Rows to keep (the first ones that map and fit; null = all)."""
-    max_chars: int | None = None
-    """Skip rows with more characters than this (null = keep all), so they fit model.block_size."""
-
-    @classmethod
-    def from_cfg(cls, split: str, node: Any) -> SourceConfig:
-        """Validate one `data.sources.<split>` entry; errors name the field and the fix."""
-        where = f"data.sources.{split}"
-        if hasattr(node, "_metadata"):  # DictConfig
-            from omegaconf import OmegaConf
-            node = OmegaConf.to_container(node, resolve=True)
-        if not isinstance(node, dict):
-            raise ValueError(f"{where} must be a mapping, e.g. {{source: generated}}")  # noqa: TRY004
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(node) - known)
-        if unknown:
-            raise ValueError(f"{where} has unknown keys {unknown}: use only {sorted(known)}")
-        cfg = cls(**node)
-        if cfg.source not in SOURCES:
-            raise ValueError(f"{where}.source {cfg.source!r} is unknown: use one of {', '.join(SOURCES)}")
-        if cfg.source == "generated":
-            return cfg
-        if cfg.adapter not in ADAPTERS:
-            raise ValueError(f"{where}.adapter {cfg.adapter!r} is unknown: use one of {', '.join(ADAPTERS)}")
-        kind = ADAPTERS[cfg.adapter][0]
-        if kind != SPLIT_KINDS[split]:
-            fits = [a for a, (k, _) in ADAPTERS.items() if k == SPLIT_KINDS[split]]
-            raise ValueError(f"{where}.adapter {cfg.adapter!r} makes {kind} rows but {split} holds "
-                             f"{SPLIT_KINDS[split]} rows: use one of {', '.join(fits)}")
-        if cfg.source == "hub" and not cfg.path:
-            raise ValueError(f"{where}.path is required for source hub: set it to a dataset id")
-        if cfg.source == "files":
-            _file_builder(cfg.data_files, where)
-        for name in ("max_rows", "max_chars"):
-            value = getattr(cfg, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{where}.{name} ({value!r}) must be a positive integer or null")
-        return cfg
-
-
-def sources_from_cfg(node: Any) -> dict[str, SourceConfig]:
-    """Every chat split's source; a missing `data.sources` (or entry) means generated."""
-    if node is None:
-        return {split: SourceConfig() for split in SPLIT_KINDS}
-    keys = set(node.keys()) if hasattr(node, "keys") else set()
-    unknown = sorted(keys - set(SPLIT_KINDS))
-    if unknown:
-        raise ValueError(f"data.sources has unknown splits {unknown}: use only {list(SPLIT_KINDS)}")
-    return {split: SourceConfig.from_cfg(split, node[split]) if split in keys else SourceConfig()
-            for split in SPLIT_KINDS}
-
-
-def _file_builder(files: Any, where: str) -> str:
-    if not files:
-        raise ValueError(f"{where}.data_files is required for source files: set it to a .jsonl, .json or "
-                         ".parquet path (or a list, or {split: paths})")
-    return file_builder(files, where, FILE_BUILDERS)
 
 
 # ------------------------------------------------------------------ reading fields
@@ -230,12 +147,10 @@ def gsm8k(row: dict) -> dict[str, Any] | None:
     return {"prompt": question, "answer": answer, "family": "gsm8k", "key": _key("gsm8k", question)}
 
 
-ADAPTERS: dict[str, tuple[str, Callable[[dict], dict[str, Any] | None]]] = {
-    "smoltalk": ("chat", smoltalk),
-    "ultrachat": ("chat", ultrachat),
-    "ultrafeedback": ("preference", ultrafeedback),
-    "hh_rlhf": ("preference", hh_rlhf),
-    "gsm8k": ("problem", gsm8k),
+# name -> a function from one row of the dataset to one of ours (None: skip it); the kind of row each
+# makes is declared in pipeline.config.data.ADAPTER_KINDS, which the config is checked against
+ADAPTERS: dict[str, Callable[[dict], dict[str, Any] | None]] = {
+    "smoltalk": smoltalk, "ultrachat": ultrachat, "ultrafeedback": ultrafeedback, "hh_rlhf": hh_rlhf, "gsm8k": gsm8k,
 }
 
 
@@ -287,13 +202,13 @@ def load_rows(split: str, cfg: SourceConfig) -> tuple[list[dict], dict[str, int]
         if cfg.source == "hub":
             ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=True)
         else:
-            builder = _file_builder(cfg.data_files, f"data.sources.{split}")
+            builder = file_builder(cfg.data_files, f"data.sources.{split}", SOURCE_FILES)
             ds = datasets.load_dataset(builder, data_files=cfg.data_files, split=cfg.split, streaming=True)
     except Exception as e:  # offline hub, unknown id/config/split...: one message with the fix
         raise ValueError(f"{where}: could not open the dataset ({type(e).__name__}: {e}). A hub source is "
                          "streamed, so it needs the network (HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0); offline, "
                          "point source: files at a local copy in the dataset's schema") from e
-    kind, adapt = ADAPTERS[cfg.adapter]
+    kind, adapt = ADAPTER_KINDS[cfg.adapter], ADAPTERS[cfg.adapter]
     rows: list[dict] = []
     counts = {"read": 0, "skipped": 0, "too_long": 0}
     for i, raw in enumerate(ds):

@@ -1,8 +1,8 @@
 """The prepare stage: validate the data config, generate every split, write them atomically.
 
-Holds `prepare` (generation + writing + manifest + metrics), `SPLIT_FILES` and `load_split` (which refuses
-bad JSON, rows missing `REQUIRED_FIELDS` and empty splits, naming file and line); the config it validates
-first is `pipeline.data.data_config` (errors name the field and the fix, before anything touches the disk).
+Holds `prepare` (generation + writing + manifest + metrics) and `check_sources` (the local files a config
+names exist, before any work). The config is `pipeline.config.data.DataConfig`, checked when it was
+loaded; the files are read back by `pipeline.data.splits`.
 
 Design choices:
 - Each split has its own `random.Random` seeded from (`seed`, split name), so changing one
@@ -29,41 +29,30 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.data.data_config import PRETRAIN_MIX, DataConfig, allocate, validate_config
-from pipeline.data.hub import SourceConfig, describe, load_rows, sources_from_cfg
+from pipeline.config.data import PRETRAIN_MIX, SOURCE_FILES, DataConfig, SourceConfig, allocate, file_builder
+from pipeline.data.hub import describe, load_rows
+from pipeline.data.splits import EVAL_SPLITS, SPLIT_FILES, TRAIN_SPLITS
 from pipeline.data.tasks import (
-    CORRUPTIONS, Problem, TaskSpace, corrupt, draw_key, make_problem, problem_key_in_eval, prose_sentence,
-    sample_corruption, worked_solution,
+    CORRUPTIONS,
+    Problem,
+    TaskSpace,
+    corrupt,
+    draw_key,
+    make_problem,
+    problem_key_in_eval,
+    prose_sentence,
+    sample_corruption,
+    worked_solution,
 )
 from pipeline.data.world import World, build_world, fact_document, story_document
 from pipeline.io import atomic_dir, file_sha256
+from pipeline.paths import MANIFEST
 
-SPLIT_FILES: dict[str, str] = {
-    "pretrain": "pretrain.jsonl",
-    "pretrain_val": "pretrain_val.jsonl",
-    "sft": "sft.jsonl",
-    "preference": "preference.jsonl",
-    "rl_prompts": "rl_prompts.jsonl",
-    "eval": "eval.jsonl",
-    "eval_hard": "eval_hard.jsonl",
-}
-# The fields each split's readers need (rows may carry more: generated rows record how they were made).
-_PROBLEM = frozenset({"prompt", "answer", "family", "key"})
-REQUIRED_FIELDS: dict[str, frozenset[str]] = {
-    "pretrain": frozenset({"text"}), "pretrain_val": frozenset({"text"}),
-    "sft": frozenset({"messages", "family", "key", "answer"}),
-    "preference": frozenset({"prompt", "chosen", "rejected", "corruption"}),
-    "rl_prompts": _PROBLEM, "eval": _PROBLEM, "eval_hard": _PROBLEM,
-}
-MANIFEST_FILE = "manifest.json"
-TRAIN_SPLITS: tuple[str, ...] = ("sft", "preference", "rl_prompts")
-EVAL_SPLITS: tuple[str, ...] = ("eval", "eval_hard")
 EVAL_SEED = "eval-v1"
 _DOC_CHARS = (100, 400)
 
@@ -73,8 +62,9 @@ class _Generator:
 
     def __init__(self, cfg: DataConfig, tick: Callable[[int], None]) -> None:
         self.cfg = cfg
-        self.world: World = build_world(cfg.world["n_entities"], cfg.world["seed"])
-        self.space = TaskSpace(cfg.digits, cfg.string_len["min"], cfg.string_len["max"], self.world)
+        self.world: World = build_world(cfg.world.n_entities, cfg.world.seed)
+        self.space = TaskSpace(cfg.digits, cfg.string_len.min, cfg.string_len.max, self.world)
+        self.families = cfg.weights()
         self.train_keys: set[str] = set()
         self._tick = tick
 
@@ -90,7 +80,7 @@ class _Generator:
         return key
 
     def _family_plan(self, total: int, rng: random.Random) -> list[str]:
-        plan = [f for f, n in allocate(total, self.cfg.families).items() for _ in range(n)]
+        plan = [f for f, n in allocate(total, self.families).items() for _ in range(n)]
         rng.shuffle(plan)
         return plan
 
@@ -148,12 +138,12 @@ class _Generator:
         for family in self._family_plan(n, rng):
             p = make_problem(self._train_key(family, rng), self.world, rng)
             error, reply = self._demo_error(p.key, errors)
-            prompt, steps = p.prompt, worked.random() < cot["fraction"]
+            prompt, steps = p.prompt, worked.random() < cot.fraction
             if steps:
-                prompt, error, reply = f"{p.prompt} {cot['trigger']}", None, worked_solution(p.key, self.world)
+                prompt, error, reply = f"{p.prompt} {cot.trigger}", None, worked_solution(p.key, self.world)
             history: list[Problem] = []
-            if earlier.random() < turns["fraction"] and not steps:  # worked solutions stay single-turn (length)
-                history = self._earlier_problems(earlier.randint(1, turns["max_turns"] - 1), earlier)
+            if earlier.random() < turns.fraction and not steps:  # worked solutions stay single-turn (length)
+                history = self._earlier_problems(earlier.randint(1, turns.max_turns - 1), earlier)
             messages = [m for h in history for m in ({"role": "user", "content": h.prompt},
                                                       {"role": "assistant", "content": h.answer})]
             messages += [{"role": "user", "content": prompt},
@@ -166,8 +156,8 @@ class _Generator:
 
     def _earlier_problems(self, n: int, rng: random.Random) -> list[Problem]:
         """`n` training problems for the earlier exchanges of a conversation (families by their weights)."""
-        families = [f for f, w in self.cfg.families.items() if w > 0]
-        weights = [self.cfg.families[f] for f in families]
+        families = [f for f, w in self.families.items() if w > 0]
+        weights = [self.families[f] for f in families]
         return [make_problem(self._train_key(f, rng), self.world, rng) for f in rng.choices(families, weights, k=n)]
 
     def _demo_error(self, key: str, rng: random.Random) -> tuple[str | None, str | None]:
@@ -177,10 +167,10 @@ class _Generator:
         keeps its correct demonstration. The row's `answer` stays correct: only the demonstration errs.
         """
         cfg = self.cfg.demo_errors
-        if rng.random() >= cfg["rate"]:
+        if rng.random() >= cfg.rate:
             return None, None
         family = key.partition(":")[0]
-        kinds = [k for k in cfg["kinds"] if k in CORRUPTIONS[family]]
+        kinds = [k for k in cfg.kinds if k in CORRUPTIONS[family]]
         rng.shuffle(kinds)
         for kind in kinds:
             wrong = corrupt(key, kind, self.world, rng)
@@ -209,7 +199,8 @@ class _Generator:
         return rows
 
     # ------------------------------------------------------------ eval splits
-    def eval_split(self, split: str, n: int, weights: dict[str, float], exact_digits: int | None) -> list[dict[str, str]]:
+    def eval_split(self, split: str, n: int, weights: dict[str, float],
+                   exact_digits: int | None) -> list[dict[str, str]]:
         """Unique eval-partition keys; a family whose pool runs dry passes its remaining share on."""
         rng = random.Random(f"{split}:{EVAL_SEED}")
         pools: dict[str, list[str]] = {f: [] for f in weights}
@@ -220,7 +211,8 @@ class _Generator:
             for family, count in want.items():
                 misses = 0
                 while count > 0 and misses < 200:
-                    key = draw_key(family, self.space, rng, self.cfg.eval_fraction, in_eval=True, exact_digits=exact_digits)
+                    key = draw_key(family, self.space, rng, self.cfg.eval_fraction, in_eval=True,
+                                   exact_digits=exact_digits)
                     if key is None:  # no eval key in 10k draws: the family has (almost) none
                         break
                     if key in seen:
@@ -252,15 +244,15 @@ def generate(cfg: DataConfig, tick: Callable[[int], None] = lambda n: None,
 
     Each split draws from its own random stream, so skipping one leaves the others unchanged."""
     gen = _Generator(cfg, tick)
-    s = cfg.sizes
-    splits: dict[str, list[dict]] = {"pretrain": gen.pretrain("pretrain", s["pretrain_docs"], set())}
-    splits["pretrain_val"] = gen.pretrain("pretrain_val", s["pretrain_val_docs"], {r["text"] for r in splits["pretrain"]})
+    s, families = cfg.sizes, cfg.weights()
+    splits: dict[str, list[dict]] = {"pretrain": gen.pretrain("pretrain", s.pretrain_docs, set())}
+    splits["pretrain_val"] = gen.pretrain("pretrain_val", s.pretrain_val_docs, {r["text"] for r in splits["pretrain"]})
     chat: dict[str, Callable[[], list[dict]]] = {
-        "sft": lambda: gen.sft(s["sft"]),
-        "preference": lambda: gen.preference(s["preference"]),
-        "rl_prompts": lambda: gen.rl_prompts(s["rl_prompts"]),
-        "eval": lambda: gen.eval_split("eval", s["eval"], cfg.families, None),
-        "eval_hard": lambda: gen.eval_split("eval_hard", s["eval_hard"], _hard_weights(cfg.families), cfg.hard_digits),
+        "sft": lambda: gen.sft(s.sft),
+        "preference": lambda: gen.preference(s.preference),
+        "rl_prompts": lambda: gen.rl_prompts(s.rl_prompts),
+        "eval": lambda: gen.eval_split("eval", s.eval, families, None),
+        "eval_hard": lambda: gen.eval_split("eval_hard", s.eval_hard, _hard_weights(families), cfg.hard_digits),
     }
     splits.update({name: make() for name, make in chat.items() if name not in skip})
     return splits, gen.train_keys
@@ -293,15 +285,22 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.utils.logging.enable_progress_bar()
 
 
-def prepare(cfg: Any, out_dir: Path, progress: bool = True) -> dict[str, float | int]:
-    """Validate `cfg`, write all splits and manifest.json into `out_dir`, return flat metrics."""
-    config = validate_config(cfg)
-    node = cfg.get("sources") if hasattr(cfg, "get") else getattr(cfg, "sources", None)
-    sources = {s: c for s, c in sources_from_cfg(node).items() if c.source != "generated"}
+def check_sources(cfg: DataConfig) -> None:
+    """Every local file `data.sources` names exists (FileNotFoundError naming the field), before any work."""
+    for split, source in cfg.sources.external().items():
+        if source.source == "files":
+            file_builder(source.data_files, f"data.sources.{split}", SOURCE_FILES)
+
+
+def prepare(cfg: DataConfig | dict, out_dir: Path, progress: bool = True) -> dict[str, float | int]:
+    """Write all splits and manifest.json into `out_dir`, return flat metrics (a mapping is checked first)."""
+    config = cfg if isinstance(cfg, DataConfig) else DataConfig.parse(cfg)
+    check_sources(config)
+    sources: dict[str, SourceConfig] = config.sources.external()
     out_dir = Path(out_dir)
     bar = Progress(TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), disable=not progress)
-    task = bar.add_task("generating", total=sum(n for s, n in config.sizes.items() if s not in sources))
+    task = bar.add_task("generating", total=sum(n for s, n in config.sizes.model_dump().items() if s not in sources))
     with bar:
         generated, train_keys = generate(config, lambda n: bar.advance(task, n), frozenset(sources))
         counts: dict[str, dict[str, int]] = {}
@@ -320,8 +319,8 @@ def prepare(cfg: Any, out_dir: Path, progress: bool = True) -> dict[str, float |
                 datasets.Dataset.from_list(rows).to_json(tmp / SPLIT_FILES[split], lines=True, force_ascii=False)
             manifest = _manifest(config, splits, {f: file_sha256(tmp / f) for f in SPLIT_FILES.values()})
             if sources:  # only then: an all-generated config keeps the manifest it always had
-                manifest["sources"] = {s: {**asdict(c), **counts[s]} for s, c in sources.items()}
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+                manifest["sources"] = {s: {**c.model_dump(), **counts[s]} for s, c in sources.items()}
+            (tmp / MANIFEST.name).write_text(json.dumps(manifest, indent=2) + "\n")
     return _metrics(config, splits, leaked) | _source_metrics(sources, counts)
 
 
@@ -331,7 +330,7 @@ def _manifest(config: DataConfig, splits: dict[str, list[dict]], hashes: dict[st
         for name, rows in splits.items()
     }
     return {
-        "config": asdict(config),
+        "config": config.generator(),
         "files": dict(SPLIT_FILES),
         "counts": {name: len(rows) for name, rows in splits.items()},
         "per_family": per_family,
@@ -351,7 +350,8 @@ def _metrics(config: DataConfig, splits: dict[str, list[dict]], leaked: int) -> 
         "pretrain_val_chars": sum(len(r["text"]) for r in splits["pretrain_val"]),
         "sft_rows": len(splits["sft"]),
         "sft_unique_keys": len({r["key"] for r in splits["sft"]}),
-        "sft_demo_error_rate": round(sum(r["demo_error"] is not None for r in splits["sft"]) / max(1, len(splits["sft"])), 4),
+        "sft_demo_error_rate": round(sum(r["demo_error"] is not None for r in splits["sft"])
+                                     / max(1, len(splits["sft"])), 4),
         "sft_cot_rows": sum(r["cot"] for r in splits["sft"]),
         "sft_multi_turn_rows": sum(r["turns"] > 1 for r in splits["sft"]),
         "preference_rows": len(splits["preference"]),
@@ -359,7 +359,7 @@ def _metrics(config: DataConfig, splits: dict[str, list[dict]], leaked: int) -> 
         "eval_rows": len(splits["eval"]),
         "eval_hard_rows": len(splits["eval_hard"]),
         "eval_fact_keys": len(eval_fact_keys),
-        "world_entities": config.world["n_entities"],
+        "world_entities": config.world.n_entities,
         "leaked_keys": leaked,
     }
 
@@ -367,41 +367,3 @@ def _metrics(config: DataConfig, splits: dict[str, list[dict]], leaked: int) -> 
 def _source_metrics(sources: dict[str, SourceConfig], counts: dict[str, dict[str, int]]) -> dict[str, int]:
     """Per hub-sourced split: rows skipped by its adapter and rows over `max_chars`."""
     return {f"{split}_{what}": counts[split][what] for split in sources for what in ("skipped", "too_long")}
-
-
-def load_split(data_dir: Path, split: str) -> list[dict]:
-    """Read one split back as a list of row dicts (plain JSON Lines parsing; fast).
-
-    Refuses, naming `file:line` and the fix, a line that is not JSON, a row without a field its readers
-    need (REQUIRED_FIELDS) and an empty split."""
-    if split not in SPLIT_FILES:
-        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLIT_FILES)}")
-    path = Path(data_dir) / SPLIT_FILES[split]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the prepare stage first")
-    required = REQUIRED_FIELDS[split]
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        try:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno}): the file is "
-                                     "damaged; rerun `dvc repro prepare`") from None
-                if not isinstance(row, dict) or not row.keys() >= required:
-                    missing = sorted(required - set(row)) if isinstance(row, dict) else sorted(required)
-                    raise ValueError(f"{path}:{n}: missing field {missing[0]!r} (rows of {split} need "
-                                     f"{', '.join(sorted(required))}): rerun `dvc repro prepare`")
-                rows.append(row)
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 text ({err}): the file is damaged; rerun "
-                             "`dvc repro prepare`") from None
-    if not rows:
-        size, source = f"{split}_docs", ""
-        if not split.startswith("pretrain"):
-            size, source = split, f" (or fix data.sources.{split} if it reads the split from a hub or files)"
-        raise ValueError(f"{path} has no rows: raise data.sizes.{size}{source}, then rerun `dvc repro prepare`")
-    return rows

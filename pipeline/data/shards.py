@@ -1,8 +1,8 @@
 """Pretraining text → flat token shards on disk (`data/tokens`), and the memmap reader over them.
 
-Holds `CorpusConfig` (the validated `data.corpus` config), `open_corpus` (the `pretrain` and
-`pretrain_val` document streams it names), `write_tokens` (tokenize them into shards, atomically)
-and `TokenShards` (read one split back as one flat stream).
+Holds `open_corpus` (the `pretrain` and `pretrain_val` document streams `data.corpus`, the validated
+`pipeline.config.data.CorpusConfig`, names), `write_tokens` (tokenize them into shards, atomically) and
+`TokenShards` (read one split back as one flat stream).
 
 Design choices:
 - One flat stream per split with every document opened by <|bos|>, as nanoGPT's `.bin` files:
@@ -24,92 +24,17 @@ import json
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline.config.data import CORPUS_FILES, CorpusConfig, file_builder
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.io import atomic_dir
 
-TOKENS_DIR = Path("data/tokens")
 SPLITS = ("pretrain", "pretrain_val")
-SOURCES = ("generated", "hub", "files")
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
-TRAIN_DOCS = 50_000  # default `tokenizer.train_docs`: enough text for a small BPE, bounded memory
-
-
-@dataclass(frozen=True)
-class CorpusConfig:
-    """Where the pretraining text comes from and how it is sharded (`data.corpus`)."""
-
-    source: str = "generated"
-    """generated: data/prepared/pretrain*.jsonl from `prepare`; hub: an HF dataset; files: local files."""
-    path: str | None = None
-    """hub: dataset id, e.g. HuggingFaceFW/fineweb-edu."""
-    name: str | None = None
-    """hub: dataset config name, e.g. sample-10BT."""
-    data_files: Any = None
-    """files (or hub): a path, a list of paths, or {split: paths}; .json/.jsonl/.txt/.parquet."""
-    split: str = "train"
-    """hub/files: the split to train on."""
-    val_split: str | None = None
-    """hub/files: the validation split; null holds out the first `val_docs` documents of `split`."""
-    val_docs: int = 1000
-    text_field: str = "text"
-    streaming: bool = False
-    """Read lazily: nothing is materialised, so the corpus may exceed the disk cache."""
-    max_docs: int | None = None
-    """Cap on training documents (null = all)."""
-    shard_tokens: int = 100_000_000
-    """Tokens per shard file (100M = 200 MB as uint16)."""
-    num_proc: int | None = None
-    """Tokenizer processes for a non-streaming corpus (null = in this process)."""
-    batch_docs: int = 1000
-    """Documents per tokenization batch."""
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"data.corpus.source {self.source!r} is unknown: use one of {', '.join(SOURCES)}")
-        if self.source == "hub" and not self.path:
-            raise ValueError("data.corpus.path is required for source hub: set it to a dataset id, "
-                             "e.g. HuggingFaceFW/fineweb-edu")
-        if self.source == "files" and not self.data_files:
-            raise ValueError("data.corpus.data_files is required for source files: set it to a .jsonl, .json, "
-                             ".txt or .parquet path (or a list, or {split: paths})")
-        if not isinstance(self.text_field, str) or not self.text_field:
-            raise ValueError(f"data.corpus.text_field ({self.text_field!r}) must be a column name, e.g. text")
-        for name, minimum in (("val_docs", 1), ("shard_tokens", 1), ("batch_docs", 1)):
-            _check_int(getattr(self, name), name, minimum)
-        for name in ("max_docs", "num_proc"):
-            if getattr(self, name) is not None:
-                _check_int(getattr(self, name), name, 1)
-        if not isinstance(self.streaming, bool):
-            raise ValueError(f"data.corpus.streaming must be true or false, got {self.streaming!r}")  # noqa: TRY004
-        if self.streaming and self.num_proc:
-            raise ValueError("data.corpus.num_proc needs streaming: false (a streamed corpus is tokenized "
-                             "lazily in one process): set num_proc to null or streaming to false")
-
-    @classmethod
-    def from_cfg(cls, node: Any) -> CorpusConfig:
-        """From a DictConfig or mapping (None = defaults); unknown keys are refused by name."""
-        if node is None:
-            return cls()
-        if hasattr(node, "_metadata"):  # DictConfig
-            from omegaconf import OmegaConf
-            node = OmegaConf.to_container(node, resolve=True)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(node) - known)
-        if unknown:
-            raise ValueError(f"data.corpus has unknown keys {unknown}: use only {sorted(known)}")
-        return cls(**node)
-
-
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"data.corpus.{name} ({value!r}) must be an integer >= {minimum}")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -118,21 +43,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 # ------------------------------------------------------------------ reading the text
-
-def file_builder(files: Any, where: str, builders: dict[str, str] = FILE_BUILDERS) -> str:
-    """The `datasets` builder (json, text, parquet) for `files` (a path, a list, or {split: paths}),
-    after checking every path exists and all are of one kind; errors name the config field `where`."""
-    paths = [files] if isinstance(files, str) else list(files.values() if hasattr(files, "values") else files)
-    flat = [p for item in paths for p in ([item] if isinstance(item, str) else item)]
-    kinds = {builders.get(Path(p).suffix.lower()) for p in flat}
-    if None in kinds or len(kinds) != 1:
-        raise ValueError(f"{where}.data_files {files!r}: every file must end in one of "
-                         f"{', '.join(builders)}, all of one kind")
-    for p in flat:
-        if not any(c in p for c in "*?[") and not Path(p).is_file():
-            raise FileNotFoundError(f"{where}.data_files names {p}, which does not exist: fix the path")
-    return kinds.pop()
-
 
 def _load(cfg: CorpusConfig, split: str, prepared: Path) -> tuple[Any, str]:
     """One split as a datasets (Iterable)Dataset, and a name for it in messages."""
@@ -144,7 +54,7 @@ def _load(cfg: CorpusConfig, split: str, prepared: Path) -> tuple[Any, str]:
             raise FileNotFoundError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
         return datasets.load_dataset("json", data_files=str(path), split="train", streaming=cfg.streaming), str(path)
     if cfg.source == "files":
-        builder = file_builder(cfg.data_files, "data.corpus")
+        builder = file_builder(cfg.data_files, "data.corpus", CORPUS_FILES)
         data_files = cfg.data_files if isinstance(cfg.data_files, (str, dict)) else list(cfg.data_files)
         return (datasets.load_dataset(builder, data_files=data_files, split=split, streaming=cfg.streaming),
                 f"{cfg.data_files} (split {split})")

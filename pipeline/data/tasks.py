@@ -26,18 +26,8 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
+from pipeline.config.data import CORRUPTIONS
 from pipeline.data.world import ATTRIBUTES, World, fact_statement
-
-FAMILIES: tuple[str, ...] = ("add", "sub", "reverse", "sort", "count", "fact")
-
-CORRUPTIONS: dict[str, tuple[str, ...]] = {
-    "add": ("off_by_one", "off_by_ten", "carry_error", "swapped_digits", "wrong_operator", "preamble", "rambling", "missing_end"),
-    "sub": ("off_by_one", "off_by_ten", "carry_error", "swapped_digits", "wrong_operator", "preamble", "rambling", "missing_end"),
-    "count": ("off_by_one", "preamble", "rambling", "missing_end"),
-    "reverse": ("swapped_letters", "copied_input", "preamble", "rambling", "missing_end"),
-    "sort": ("swapped_letters", "copied_input", "preamble", "rambling", "missing_end"),
-    "fact": ("wrong_entity", "preamble", "rambling", "missing_end"),
-}
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
@@ -201,7 +191,8 @@ _PROMPTS: dict[str, tuple[str, ...]] = {
     "add": ("What is {a} + {b}?", "What is {a} plus {b}?", "Compute {a} + {b}.", "{a} + {b} = ?"),
     "sub": ("What is {a} - {b}?", "What is {a} minus {b}?", "Compute {a} - {b}.", "{a} - {b} = ?"),
     "reverse": ("Reverse the word {w}.", "What is {w} spelled backwards?", "Write {w} backwards."),
-    "sort": ("Sort the letters of {w}.", "Put the letters of {w} in alphabetical order.", "What are the letters of {w} in sorted order?"),
+    "sort": ("Sort the letters of {w}.", "Put the letters of {w} in alphabetical order.",
+             "What are the letters of {w} in sorted order?"),
     "count": ("How many {c}'s are in {w}?", "Count the letter {c} in {w}.", "How many times does {c} appear in {w}?"),
 }
 _FACT_PROMPTS: dict[str, tuple[str, ...]] = {
@@ -209,7 +200,8 @@ _FACT_PROMPTS: dict[str, tuple[str, ...]] = {
     "color": ("What color is {n}?", "What is the color of {n}?", "Which color is {n}?"),
     "home": ("Where does {n} live?", "Where is the home of {n}?", "In which place does {n} live?"),
     "food": ("What does {n} like to eat?", "What is the favourite food of {n}?", "Which food does {n} love?"),
-    "friend": ("Who is the best friend of {n}?", "Who is {n}'s best friend?", "Which animal is the best friend of {n}?"),
+    "friend": ("Who is the best friend of {n}?", "Who is {n}'s best friend?",
+               "Which animal is the best friend of {n}?"),
 }
 
 _PROSE: dict[str, tuple[str, ...]] = {
@@ -316,7 +308,8 @@ def worked_solution(key: str, world: World) -> str:
     elif family in ("reverse", "sort"):
         letters = list(args[0])
         done = letters[::-1] if family == "reverse" else sorted(letters)
-        steps = [f"Letters: {' '.join(letters)}.", f"{'Backwards' if family == 'reverse' else 'Sorted'}: {' '.join(done)}."]
+        steps = [f"Letters: {' '.join(letters)}.",
+                 f"{'Backwards' if family == 'reverse' else 'Sorted'}: {' '.join(done)}."]
     elif family == "count":
         letter, word = args
         tally, running = 0, []

@@ -11,26 +11,23 @@ SFT puts loss on every `answer <|end|>` only; generation stops at `<|end|>`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from pipeline.config.data import ROLES
 from pipeline.io import file_sha256
+from pipeline.paths import TOKENIZER_FILE
 
-ROLES = ("pad", "bos", "user", "assistant", "end")
 IGNORE_INDEX = -100
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
-    """Train a byte-level BPE on `texts`; the special tokens take the first ids in order."""
-    if len(special_tokens) < len(ROLES):
-        raise ValueError(f"tokenizer.special_tokens needs at least {len(ROLES)} entries "
-                         f"(in order: {', '.join(ROLES)}), got {special_tokens}")
+    """Train a byte-level BPE on `texts`; the special tokens take the first ids in order.
+
+    `vocab_size` and `special_tokens` are the checked `tokenizer` config (pipeline.config.data)."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + len(special_tokens):
-        raise ValueError(f"tokenizer.vocab_size ({vocab_size}) must be at least "
-                         f"{len(alphabet) + len(special_tokens)} (256 bytes + special tokens)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -67,7 +64,7 @@ class ChatTokenizer:
         self.tok.encode_special_tokens = True
 
     @classmethod
-    def load(cls, path: str | Path, special_tokens: list[str]) -> "ChatTokenizer":
+    def load(cls, path: str | Path, special_tokens: list[str]) -> ChatTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run the `tokenizer` stage first (dvc repro tokenizer)")
@@ -128,6 +125,20 @@ class ChatTokenizer:
         return ids[:ids.index(self.end_id)] if self.end_id in ids else ids
 
 
-def iter_texts(rows: Iterable[dict], key: str = "text") -> Iterator[str]:
-    for row in rows:
-        yield row[key]
+def load_tokenizer(special_tokens: Sequence[str], path: str | Path = TOKENIZER_FILE) -> ChatTokenizer:
+    """The workspace's tokenizer (artifacts/tokenizer, written by the tokenizer stage) with the chat template."""
+    return ChatTokenizer.load(path, list(special_tokens))
+
+
+def import_tokenizer(directory: Path, special_tokens: Sequence[str]) -> Tokenizer:
+    """A transformers checkpoint's tokenizer.json (`model.init_from`), with any of the pipeline's special
+    tokens it lacks appended after its vocabulary: its ids are what the imported weights know."""
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"model.init_from: {file} not found: the pipeline needs a fast tokenizer's "
+                                "tokenizer.json (AutoTokenizer.from_pretrained(...).save_pretrained(DIR) writes one)")
+    tok = Tokenizer.from_file(str(file))
+    missing = [t for t in special_tokens if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens(missing)
+    return tok

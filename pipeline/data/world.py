@@ -24,7 +24,8 @@ ATTRIBUTES: tuple[str, ...] = ("species", "color", "home", "food", "friend")
 
 SPECIES = ("fox", "owl", "bear", "cat", "frog", "goat", "wolf", "hare", "crow", "mole", "deer", "duck")
 COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "grey", "pink", "brown", "silver")
-FOODS = ("plums", "apples", "berries", "nuts", "carrots", "pears", "figs", "beans", "cherries", "grapes", "mushrooms", "acorns")
+FOODS = ("plums", "apples", "berries", "nuts", "carrots", "pears", "figs", "beans", "cherries", "grapes", "mushrooms",
+         "acorns")
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "kr", "st", "th")
 _VOWELS = ("a", "e", "i", "o", "u")
@@ -119,8 +120,10 @@ _FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "species": ("{n} is a {species}.", "{n} is a kind of {species}.", "By birth, {n} is a {species}."),
     "color": ("{n} is {color}.", "The color of {n} is {color}.", "{n} is colored {color}."),
     "home": ("{n} lives in {home}.", "The home of {n} is {home}.", "{n} has always lived in {home}."),
-    "food": ("{n} likes to eat {food}.", "The favourite food of {n} is {food}.", "{n} loves {food} more than anything."),
-    "friend": ("{p} best friend is {friend}.", "The best friend of {n} is {friend}.", "{n} spends every day with {friend}, {p} best friend."),
+    "food": ("{n} likes to eat {food}.", "The favourite food of {n} is {food}.",
+             "{n} loves {food} more than anything."),
+    "friend": ("{p} best friend is {friend}.", "The best friend of {n} is {friend}.",
+               "{n} spends every day with {friend}, {p} best friend."),
 }
 # Combined sentences cover several attributes at once, like the prose a reader would see.
 _COMBINED_TEMPLATES: tuple[tuple[tuple[str, ...], str], ...] = (

@@ -1,1 +1,2 @@
-"""Scoring checkpoints and writing the lifecycle report."""
+"""Scoring checkpoints (`evaluate`: the stage and its verdict, `metrics`) and writing the lifecycle report
+(`report`, `figures`)."""

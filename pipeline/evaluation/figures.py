@@ -13,8 +13,6 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-TRAINING_STAGES = ("pretrain", "sft", "sft_control", "reward", "align")
-CHECKPOINTS = ("pretrain", "sft", "sft_control", "aligned")
 # prompting mode -> its exact-match key in metrics/evaluate.json on the eval split; the harder split adds "_hard"
 PROMPTING = {"zero-shot": "exact_match", "few-shot": "exact_match_fewshot", "chain-of-thought": "exact_match_cot"}
 SPLITS = {"eval": "", "hard": "_hard"}
@@ -57,9 +55,10 @@ def _plot_stage(ax: Axes, stage: str, curves: dict[str, list[dict]]) -> None:
     ax.grid(alpha=0.3)
 
 
-def loss_curves(curves: dict[str, list[dict]]) -> Figure:
-    """One panel per training stage that wrote curves: its loss (train and validation) over steps."""
-    stages = [s for s in TRAINING_STAGES if curves.get(f"{s}_train") or curves.get(f"{s}_val")]
+def loss_curves(curves: dict[str, list[dict]], trained: list[str]) -> Figure:
+    """One panel per stage of `trained` (the chain's training stages) that wrote curves: its loss (train and
+    validation) over steps."""
+    stages = [s for s in trained if curves.get(f"{s}_train") or curves.get(f"{s}_val")]
     if not stages:
         raise FileNotFoundError("no training curves in metrics/curves/: run the training stages first (dvc repro)")
     cols = min(3, len(stages))
@@ -75,10 +74,11 @@ def loss_curves(curves: dict[str, list[dict]]) -> Figure:
 
 
 def accuracy_rows(results: dict[str, dict]) -> list[dict]:
-    """One row per checkpoint x prompting mode x split that metrics/evaluate.json has a number for."""
+    """One row per checkpoint x prompting mode x split that metrics/evaluate.json has a number for
+    (checkpoints in the order evaluate wrote them)."""
     return [{"checkpoint": ckpt, "prompting": mode, "split": split, "label": f"{ckpt} / {mode} / {split}",
              "exact_match": results[ckpt][key + suffix]}
-            for split, suffix in SPLITS.items() for ckpt in CHECKPOINTS if ckpt in results
+            for split, suffix in SPLITS.items() for ckpt in results
             for mode, key in PROMPTING.items() if results[ckpt].get(key + suffix) is not None]
 
 
@@ -86,7 +86,7 @@ def accuracy(results: dict[str, dict]) -> Figure:
     """Grouped bars: exact match of each checkpoint under each prompting mode, on the eval and the hard split.
     A mode the evaluation did not measure gets no bar."""
     rows = accuracy_rows(results)
-    checkpoints = [c for c in CHECKPOINTS if c in results]
+    checkpoints = list(results)
     width = 0.8 / len(PROMPTING)
     fig = Figure(figsize=(11, 3.6), layout="constrained")
     for ax, split in zip(fig.subplots(1, len(SPLITS), sharey=True), SPLITS):

@@ -23,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
+from pipeline.config.evaluate import EvaluateConfig
 from pipeline.data.tasks import check, final_answer
 from pipeline.data.tokenizer import IGNORE_INDEX, ChatTokenizer
 from pipeline.inference.prompting import FewShotPool, PromptTemplates, few_shot_prompt
 from pipeline.inference.sampling import SamplingConfig, generate
-from pipeline.model import GPT
-from pipeline.objectives.reward_model import ScalarHead
-from pipeline.objectives.rollout import build_sequences, response_positions
+from pipeline.inference.sequences import build_sequences, response_positions
+from pipeline.model.gpt import GPT
+from pipeline.model.heads import ScalarHead
+
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / max(len(xs), 1)
@@ -124,7 +126,7 @@ def kl_to_reference(model: GPT, reference: GPT, tok: ChatTokenizer, prompts: lis
     return total / max(len(prompts), 1)
 
 
-def prompting_rows(model: GPT, tok: ChatTokenizer, split: PromptSet, suffix: str, cfg,
+def prompting_rows(model: GPT, tok: ChatTokenizer, split: PromptSet, suffix: str, cfg: EvaluateConfig,
                    zero_shot: list[list[int]] | None = None) -> dict[str, float]:
     """Exact match zero-shot, few-shot and chain-of-thought on one split; keys end with `suffix`.
     `zero_shot`: the greedy zero-shot responses when they are already at hand."""
@@ -140,12 +142,13 @@ def prompting_rows(model: GPT, tok: ChatTokenizer, split: PromptSet, suffix: str
         f"exact_match_fewshot{suffix}": exact_match(
             tok, split.rows, respond(model, tok, split.few_shot, bs, direct, label="few-shot"))["exact_match"],
         f"exact_match_cot{suffix}": exact_match(
-            tok, split.rows, respond(model, tok, split.cot, bs, worked, label="chain of thought"), check_final)["exact_match"],
+            tok, split.rows, respond(model, tok, split.cot, bs, worked, label="chain of thought"),
+            check_final)["exact_match"],
     }
 
 
 def evaluate_checkpoint(model: GPT, tok: ChatTokenizer, prompts: PromptSet, hard: PromptSet,
-                        reward_model: ScalarHead, sft: GPT, cfg, seed: int) -> dict[str, float]:
+                        reward_model: ScalarHead, sft: GPT, cfg: EvaluateConfig, seed: int) -> dict[str, float]:
     bs, new = cfg.batch_size, cfg.max_new_tokens
     rows = prompts.rows
     loss = answer_loss(model, tok, rows, bs)

@@ -11,14 +11,16 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
-
-from pipeline.config import run_identity
+from pipeline.config.identity import run_identity
 from pipeline.evaluation import figures
 from pipeline.io import atomic_dir, write_json
 
-STAGE_ORDER = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "sft_control", "evaluate")
+if TYPE_CHECKING:
+    from pipeline.config.root import Config
+
+EVALUATE, ALIGN = "evaluate", "align"  # the stages whose metrics get a section and a figure of their own
 TABLE_METRICS = ("val_loss", "perplexity", "exact_match", "exact_match_fewshot", "exact_match_cot",
                  "exact_match_hard", "exact_match_fewshot_hard", "exact_match_cot_hard", "fewshot_shots",
                  "exact_match_sampled", "reward", "reward_greedy", "kl_to_sft", "response_length", "eos_rate", "run_id")
@@ -59,11 +61,11 @@ def verdict_lines(v: dict | None) -> list[str]:
     ]
 
 
-def load_stages(metrics_dir: Path) -> dict[str, dict]:
-    """{stage: its metrics} for every stage that wrote metrics/<stage>.json; evaluate's is required."""
+def load_stages(metrics_dir: Path, order: list[str]) -> dict[str, dict]:
+    """{stage: its metrics} for every stage of `order` that wrote metrics/<stage>.json; evaluate's is required."""
     stages = {s: json.loads((metrics_dir / f"{s}.json").read_text())
-              for s in STAGE_ORDER if (metrics_dir / f"{s}.json").is_file()}
-    if "evaluate" not in stages:
+              for s in order if (metrics_dir / f"{s}.json").is_file()}
+    if EVALUATE not in stages:
         raise FileNotFoundError(f"{metrics_dir}/evaluate.json not found: run the evaluate stage first "
                                 "(dvc repro evaluate)")
     return stages
@@ -74,20 +76,20 @@ def stage_table(stages: dict[str, dict]) -> list[str]:
     on and tokens per wall-clock second."""
     lines = ["| stage | run | device | wall time (s) | tokens | tokens/s |", "|---|---|---|---:|---:|---:|"]
     for stage, m in stages.items():
-        if stage == "evaluate":  # its metrics are the per-checkpoint table, not one stage's numbers
+        if stage == EVALUATE:  # its metrics are the per-checkpoint table, not one stage's numbers
             continue
         wall, tokens = m.get("wall_time_s"), m.get("tokens", m.get("tokens_seen"))
         rate = f"{tokens / wall:,.0f}" if tokens and wall else ""
         wall_cell, tokens_cell = fmt(wall) if wall is not None else "", f"{tokens:,}" if tokens is not None else ""
-        lines.append(f"| {stage} | {m.get('run_id', '')} | {m.get('device', '')} | {wall_cell} | {tokens_cell} | {rate} |")
+        cells = [stage, m.get("run_id", ""), m.get("device", ""), wall_cell, tokens_cell, rate]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines
 
 
-def render(cfg: DictConfig, stages: dict[str, dict], run: dict,
-           figure_names: list[str] | tuple[str, ...] = ()) -> str:
-    """The report's Markdown; `run` is the run identity (pipeline.config.run_identity), `figure_names`
-    the PNGs written to reports/figures/ (linked relatively)."""
-    choices = {g: cfg.get(g, {}).get("name", "") for g in ("strategy", "logger")}
+def render(cfg: Config, stages: dict[str, dict], run: dict, figure_names: list[str] | tuple[str, ...] = ()) -> str:
+    """The report's Markdown; `run` is the run identity (pipeline.config.identity.run_identity),
+    `figure_names` the PNGs written to reports/figures/ (linked relatively)."""
+    choices = {"strategy": cfg.strategy.name, "logger": cfg.logger.name}
     m = cfg.model
     code = " with uncommitted code changes" if run["git_dirty"] else ""
     experiment = f", DVC experiment `{run['dvc_experiment']}`" if run["dvc_experiment"] else ""
@@ -112,23 +114,24 @@ def render(cfg: DictConfig, stages: dict[str, dict], run: dict,
         lines += ["## Figures", ""]
         for name in figure_names:
             lines += [f"![{name.replace('_', ' ')}](figures/{name}.png)", "", f"*{FIGURES[name]}*", ""]
-        missing = missing_modes(stages["evaluate"])
+        missing = missing_modes(stages[EVALUATE])
         if missing:
             lines += [f"Not measured by evaluate, so not drawn: {', '.join(missing)}.", ""]
     lines += [
         "## Evaluation: every checkpoint on the same eval prompts", "",
-        *evaluate_table(stages["evaluate"]), "",
+        *evaluate_table(stages[EVALUATE]), "",
         "`exact_match`: greedy answer to the bare question (zero-shot), checked strictly by the generator's "
         "checker; `_fewshot`: the same after k solved training problems as earlier turns (`fewshot_shots` of "
         "them fit on average); `_cot`: asked to think step by step, graded on the answer after the reply's "
-        "last `Answer:`; `_hard`: operands with more digits than any training problem; `reward` and `kl_to_sft` (nats per response) are measured on "
-        "responses sampled at temperature 1, the two terms of the RLHF objective; `reward_greedy` scores the greedy answers. "
+        "last `Answer:`; `_hard`: operands with more digits than any training problem; `reward` and `kl_to_sft` "
+        "(nats per response) are measured on responses sampled at temperature 1, the two terms of the RLHF "
+        "objective; `reward_greedy` scores the greedy answers. "
         "`sft_control` is SFT trained further for as many optimizer steps as alignment gave the policy. "
         "`run_id`: the run that trained the checkpoint (its meta.json).",
-        "", *verdict_lines(stages["evaluate"].get("verdict")), "## Stages", "",
+        "", *verdict_lines(stages[EVALUATE].get("verdict")), "## Stages", "",
     ]
     for stage, vals in stages.items():
-        if stage == "evaluate":
+        if stage == EVALUATE:
             continue
         lines.append(f"### {stage}")
         lines.append("")
@@ -143,14 +146,15 @@ def missing_modes(results: dict[str, dict]) -> list[str]:
             if not any(isinstance(r, dict) and r.get(key + suffix) is not None for r in results.values())]
 
 
-def write_report(cfg: DictConfig, metrics_dir: Path, reports_dir: Path) -> dict:
-    """reports_dir/report.md, its figures in reports_dir/figures/ and reports_dir/accuracy.json."""
-    stages = load_stages(metrics_dir)
+def write_report(cfg: Config, metrics_dir: Path, reports_dir: Path, order: list[str], trained: list[str]) -> dict:
+    """reports_dir/report.md, its figures in reports_dir/figures/ and reports_dir/accuracy.json, from the
+    metrics of the stages in `order` (the chain's) and the curves of those in `trained`."""
+    stages = load_stages(metrics_dir, order)
     curves = figures.load_curves(metrics_dir / "curves")
-    results = {k: v for k, v in stages["evaluate"].items() if k != "verdict"}
-    drawn = {"loss_curves": figures.loss_curves(curves), "accuracy": figures.accuracy(results)}
-    if curves.get("align_train"):
-        drawn["alignment"] = figures.alignment(curves["align_train"], stages.get("align", {}).get("method", ""))
+    results = {k: v for k, v in stages[EVALUATE].items() if k != "verdict"}
+    drawn = {"loss_curves": figures.loss_curves(curves, trained), "accuracy": figures.accuracy(results)}
+    if curves.get(f"{ALIGN}_train"):
+        drawn["alignment"] = figures.alignment(curves[f"{ALIGN}_train"], stages.get(ALIGN, {}).get("method", ""))
     with atomic_dir(reports_dir / "figures") as tmp:  # no figure of an earlier run stays behind
         for name, fig in drawn.items():
             figures.save(fig, tmp / f"{name}.png")

@@ -26,29 +26,17 @@ MODES = ("zero_shot", "few_shot", "cot")
 
 @dataclass(frozen=True)
 class PromptTemplates:
-    """How evaluate (and anyone else) phrases a problem; mirrors `evaluate.prompts` in conf/config.yaml."""
+    """How evaluate (and anyone else) phrases a problem: `evaluate.prompts` (checked by
+    pipeline.config.evaluate.PromptsConfig) plus the chain-of-thought trigger the SFT data used."""
 
     zero_shot: str = "{question}"
     cot: str = "{question} {trigger}"
     shots: int = 3
     trigger: str = "Think step by step."
 
-    def __post_init__(self) -> None:
-        for name in ("zero_shot", "cot"):
-            template = getattr(self, name)
-            if "{question}" not in template:
-                raise ValueError(f"evaluate.prompts.{name} ({template!r}) must contain {{question}}")
-            try:
-                template.format(question="", trigger="")
-            except (KeyError, IndexError, ValueError) as err:
-                raise ValueError(f"evaluate.prompts.{name} ({template!r}) is not a valid template: {err}; "
-                                 "use only {question} and {trigger}") from None
-        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 0:
-            raise ValueError(f"evaluate.prompts.shots ({self.shots!r}) must be a non-negative integer")
-
     @classmethod
-    def from_cfg(cls, node: Any, trigger: str) -> PromptTemplates:
-        return cls(zero_shot=node.zero_shot, cot=node.cot, shots=node.shots, trigger=trigger)
+    def from_config(cls, prompts: Any, trigger: str) -> PromptTemplates:
+        return cls(zero_shot=prompts.zero_shot, cot=prompts.cot, shots=prompts.shots, trigger=trigger)
 
     def question(self, text: str) -> str:
         return self.zero_shot.format(question=text, trigger=self.trigger)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.model import GPT
+from pipeline.model.gpt import GPT
 
 
 @dataclass

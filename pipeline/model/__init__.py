@@ -1,5 +1,4 @@
-"""The GPT: one model file shared by every stage, plus its KV cache."""
-from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.model.kv_cache import KVCache
-
-__all__ = ["GPT", "GPTConfig", "KVCache"]
+"""The model: the GPT (`gpt`), its shape and config group (`config`), the KV cache, the scalar head of reward
+models and critics (`heads`), log-probabilities of responses (`logprobs`) and the named checkpoints stages
+hand to each other (`handoff`). Import from the submodules: this package imports nothing, so that reading a
+config never imports torch."""

@@ -12,69 +12,14 @@ batched, left-padded prompts decode exactly like unpadded ones.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from pipeline.config.model import ACTIVATIONS, GPTConfig
 from pipeline.model.kv_cache import KVCache
-
-POSITIONAL_ENCODINGS = ("learned", "sinusoidal")
-ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # name -> F.gelu's `approximate`
-
-
-@dataclass
-class GPTConfig:
-    """Shape of the network; names follow GPT-2/nanoGPT."""
-
-    vocab_size: int = 512
-    """Size of the token table (the tokenizer's vocabulary, possibly padded up)."""
-    block_size: int = 128
-    """Longest sequence the model attends over (context length T)."""
-    n_layer: int = 4
-    """Number of transformer blocks."""
-    n_head: int = 4
-    """Attention heads per block; n_embd must divide evenly among them."""
-    n_embd: int = 128
-    """Width of the residual stream (d_model)."""
-    dropout: float = 0.0
-    """Dropout on attention weights, residual branches and embeddings."""
-    bias: bool = True
-    """Biases in Linear and LayerNorm layers (GPT-2 has them)."""
-    pos_encoding: str = "learned"
-    """`learned` (a trained position table) or `sinusoidal` (the fixed sin/cos formula)."""
-    activation: str = "gelu"
-    """The MLP's GELU: `gelu` (exact, erf) or `gelu_tanh` (the tanh approximation OpenAI's GPT-2 used)."""
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head "
-                             f"({self.n_head}): pick n_head among the divisors of n_embd")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.pos_encoding not in POSITIONAL_ENCODINGS:
-            raise ValueError(f"model.pos_encoding must be one of {POSITIONAL_ENCODINGS}, "
-                             f"got {self.pos_encoding!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
-        if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
-            raise ValueError("model.n_embd must be even for sinusoidal positions")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = cls.__dataclass_fields__
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:

@@ -1,0 +1,32 @@
+"""The align stage: the SFT checkpoint aligned by the configured method (pipeline.alignment.methods), saved as
+checkpoint `aligned`, with metrics naming the method and the policy updates it made (what sft_control matches)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import lightning as L
+
+from pipeline.alignment import methods
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.model.handoff import checkpoint_meta, load_gpt, save_checkpoint
+from pipeline.training.curves import first_last
+
+if TYPE_CHECKING:
+    from pipeline.config.root import Config
+    from pipeline.registry import StageSpec
+
+
+def align(cfg: Config, spec: StageSpec) -> dict:
+    method, acfg = methods.load(cfg)
+    tok = load_tokenizer(cfg.tokenizer.special_tokens)
+    start = spec.checkpoint("gpt")
+    policy, _ = load_gpt(start, tok.sha256)
+    reference, _ = load_gpt(start, tok.sha256)  # the frozen copy KL and DPO's implicit reward are measured against
+    L.seed_everything(cfg.seed, verbose=False)
+    updates = method.policy_updates(acfg)
+    curves, own = method.train(cfg, acfg, spec, policy, reference, tok)
+    metrics = {"method": acfg.method, "policy_updates": updates, **own, **first_last(curves.train, method.SUMMARY),
+               **curves.totals}
+    save_checkpoint(spec.writes[0].name, policy, checkpoint_meta(cfg, tok, policy, "gpt", method=acfg.method,
+                                                                step=updates))
+    return metrics

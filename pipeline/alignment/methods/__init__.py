@@ -1,0 +1,60 @@
+"""The alignment methods: every module of this package is one, configured by conf/align/<name>.yaml.
+
+A method module holds everything about the method, so adding one touches that .py and that .yaml only:
+- `Config`: its config schema (`align` group), a subclass of `MethodConfig` with `method: Literal[<name>]`;
+- `NEEDS`: the checkpoints it reads besides the SFT policy it starts from ({name: kind});
+- `splits(cfg)`: the prepared splits it reads under a config;
+- `policy_updates(cfg)`: the optimizer steps it gives the policy (what sft_control matches);
+- `SUMMARY`: the logged keys whose first and last quarter of the run its metrics report;
+- its objective (a LightningModule) and `train(cfg, method_cfg, spec, policy, reference, tok)`, which
+  fits it and returns (the curves, its own metrics).
+
+Methods are found by module name (`load`), not registered in a list: the module name is the method's
+name and the YAML's `method`. Method modules import Lightning, so only the stages that align (and the
+control that matches them) load one.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from pipeline.config.align import MIN_PROMPT, MethodConfig
+from pipeline.config.schema import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config.root import Config
+
+def names() -> list[str]:
+    """Every method there is: the modules of this package."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def module(name: str) -> ModuleType:
+    """Method `name`'s module; a ConfigError naming the choices for a method there is not."""
+    if name not in names():
+        raise ConfigError(f"align.method {name!r} is unknown: choose one of {', '.join(names())} "
+                          "(align=<name>, files in conf/align/)")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def load(cfg: Config) -> tuple[ModuleType, MethodConfig]:
+    """The configured method's module and its checked config (`align`, with its answer budgets checked
+    against model.block_size)."""
+    method = module(cfg.align.method)
+    acfg = method.Config.parse(cfg.align.to_dict())
+    block = cfg.model.block_size
+    for field, budget in acfg.answer_budgets().items():
+        if MIN_PROMPT + budget > block:
+            raise ConfigError(f"align.{field} ({budget}) leaves no room for a prompt in model.block_size ({block}): "
+                              f"lower align.{field} below {block - MIN_PROMPT} or raise model.block_size")
+    return method, acfg
+
+
+def needs(cfg: Config | None) -> dict[str, str]:
+    """The checkpoints alignment reads besides its starting point: the configured method's, or (None) what any
+    method may read."""
+    if cfg is not None:
+        return dict(load(cfg)[0].NEEDS)
+    return {name: kind for m in names() for name, kind in module(m).NEEDS.items()}

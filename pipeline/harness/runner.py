@@ -1,0 +1,98 @@
+"""Runs a stage of the chain: its config, environment, input checks, `run`, metrics file and W&B run.
+
+Every way of starting a stage ends here: `python -m stages.<name>` (dvc repro), `python -m pipeline
+stage=<name>` (Hydra, single or multirun) and the tests. In order: the config is checked whole
+(pipeline.config.root), the environment set up, the stage's own checks of its inputs run (its
+module's `check`), then its `run(cfg, spec)`, whose flat metrics get the wall time and the run id and go
+to `metrics/<name>.json`; last, the stage's W&B run is closed with its metrics and artifact lineage
+(pipeline.harness.tracking). A refused config or input stops the stage before any work, exit code 2; a
+NaN/inf loss stops training with the last good checkpoint kept, exit code 3.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pipeline import paths
+from pipeline.config.identity import run_id
+from pipeline.config.load import load_params
+from pipeline.config.root import Config, load_config
+from pipeline.dist import global_rank
+from pipeline.harness.tracking import close_stage_run
+from pipeline.io import write_json
+from pipeline.registry import Chain
+
+
+def setup_environment(cfg: Config) -> None:
+    """Offline-first defaults; the user's environment always wins."""
+    os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+    if cfg.logger.name == "wandb" and os.environ["WANDB_MODE"] == "online":
+        from pipeline.harness.wandb_mode import fall_back_offline_without_server
+        fall_back_offline_without_server()  # no network: offline files in seconds, not a failure after ~100 s
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HOME", str(paths.HF_HOME))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t = cfg.trainer
+    if t.num_threads or t.matmul_precision:
+        import torch
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        if t.matmul_precision:  # "high" lets fp32 matmuls use TF32 tensor cores on GPUs
+            torch.set_float32_matmul_precision(t.matmul_precision)
+
+
+def run_stage(chain: Chain, name: str, raw: Any) -> dict:
+    """Run stage `name` of `chain` (or `all` of them, in order) on the composed config `raw`."""
+    cfg = load_config(raw)  # a bad config stops here, before anything
+    if name == "all":
+        return {stage.name: run_stage(chain, stage.name, cfg) for stage in chain}
+    stage = chain[name]
+    setup_environment(cfg)  # before the stage imports datasets/wandb, which read it at import time
+    stage.check(cfg)  # bad inputs stop the stage here, before any work or output
+    start = time.time()
+    try:
+        metrics = stage.run(cfg)
+    except BaseException:
+        close_stage_run(chain, stage.spec, cfg, None)  # a W&B run the stage opened ends as failed
+        raise
+    if not any(isinstance(v, dict) for v in metrics.values()):  # evaluate's table stays {checkpoint: {...}}
+        metrics = {**metrics, "wall_time_s": round(time.time() - start, 2), "run_id": run_id(cfg)}
+    if global_rank() == 0:  # under DDP/FSDP every rank runs the stage; one writes its metrics
+        write_json(stage.spec.metrics_file, metrics)
+        forget_resume_state(name)
+        close_stage_run(chain, stage.spec, cfg, metrics)  # summary, artifacts and lineage
+    return metrics
+
+
+def forget_resume_state(name: str) -> None:
+    """The stage's outputs are complete: its resume checkpoint (pipeline.training.resume) must not be reused."""
+    resume_dir = paths.resume_dir(name)
+    if resume_dir.is_dir():
+        shutil.rmtree(resume_dir)
+
+
+@contextmanager
+def exit_codes(name: str) -> Iterator[None]:
+    """A refused config or input: its message on stderr, exit code 2 (no traceback: the message names the fix).
+    A NaN/inf loss: exit code 3 (the last good resume checkpoint is kept)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error in stage {name!r}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FloatingPointError as err:
+        print(f"error in stage {name!r}: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
+
+
+def main(chain: Chain, name: str) -> None:
+    """Entry point of `python -m stages.<name>`: the committed params.yaml is the config."""
+    with exit_codes(name):
+        run_stage(chain, name, load_params())

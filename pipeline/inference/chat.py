@@ -1,0 +1,84 @@
+"""A conversation with one model in the chat template: history, streamed replies, /commands to tune sampling.
+
+The conversation is kept in the chat template, <|bos|> <|user|> q1 <|assistant|> a1 <|end|> <|user|> q2
+<|assistant|> ..., and the oldest turns are dropped when it would no longer fit the model's context.
+Replies stream token by token as they are sampled. `gpt-pipeline chat` and `generate` drive it.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import torch
+
+from pipeline.data.tokenizer import ChatTokenizer
+from pipeline.inference.sampling import SamplingConfig, generate
+from pipeline.model.gpt import GPT
+
+# /command -> (SamplingConfig field, type, how the confirmation names it)
+SETTINGS = {"temp": ("temperature", float, "temperature"), "topk": ("top_k", int, "top-k"),
+            "topp": ("top_p", float, "top-p"), "rep": ("repetition_penalty", float, "repetition penalty")}
+HELP = "commands: /reset (forget the conversation), /temp T, /topk K, /topp P, /rep R (repetition penalty), /quit"
+
+
+class Chat:
+    """A conversation with one model: history in the chat template, streamed replies."""
+
+    def __init__(self, model: GPT, tok: ChatTokenizer, sampling: SamplingConfig, seed: int) -> None:
+        self.model, self.tok, self.sampling = model, tok, sampling
+        self.generator = torch.Generator().manual_seed(seed)
+        self.turns: list[tuple[list[int], list[int]]] = []  # (user ids, reply ids incl. end)
+
+    def context(self, question: str) -> list[int]:
+        """The prompt for the next reply; the oldest turns are dropped until it leaves room to answer."""
+        room = self.model.config.block_size - self.sampling.max_new_tokens
+        ask = [self.tok.user_id, *self.tok.encode(question), self.tok.assistant_id]
+        turns = list(self.turns)
+        while True:
+            history = [t for u, r in turns for t in (self.tok.user_id, *u, self.tok.assistant_id, *r)]
+            ids = [self.tok.bos_id, *history, *ask]
+            if len(ids) <= room or not turns:
+                return ids[-room:] if len(ids) > room else ids
+            turns.pop(0)
+
+    def reply(self, question: str, out=None) -> str:
+        """Sample a reply to `question`, writing it to `out` (default: the current stdout) as it is sampled;
+        remember the exchange."""
+        out = out or sys.stdout  # looked up per call: a default bound at import would miss redirection
+        ids: list[int] = []
+        shown = ""
+
+        def stream(step: list[int]) -> None:
+            nonlocal shown
+            ids.append(step[0])
+            text = self.tok.decode(self.tok.strip_response(ids))
+            if text.startswith(shown):  # a byte-level BPE piece can complete a character later
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+
+        response = generate(self.model, [self.context(question)], self.sampling, stop_id=self.tok.end_id,
+                            pad_id=self.tok.pad_id, generator=self.generator, on_step=stream)[0]
+        text = self.tok.decode(self.tok.strip_response(response))
+        out.write(text[len(shown):] + "\n")
+        out.flush()
+        reply = response if self.tok.end_id in response else response + [self.tok.end_id]
+        self.turns.append((self.tok.encode(question), reply))
+        return text
+
+    def command(self, line: str) -> str | None:
+        """Apply a /command; return a message for the user, or None to quit."""
+        name, _, arg = line[1:].partition(" ")
+        if name in ("quit", "exit"):
+            return None
+        if name == "reset":
+            self.turns.clear()
+            return "(conversation cleared)"
+        if name not in SETTINGS:
+            return f"(unknown command /{name}; {HELP})"
+        field, kind, label = SETTINGS[name]
+        try:  # replace() re-validates, so /topp 0 or /temp -1 is refused rather than breaking sampling
+            self.sampling = replace(self.sampling, **{field: kind(arg)})
+        except ValueError:
+            return f"(bad value {arg!r} for /{name})"
+        return f"({label} {getattr(self.sampling, field)})"

@@ -1,0 +1,1 @@
+"""Exchange with other ecosystems: transformers checkpoints in and out (`hf`)."""

@@ -1,1 +1,0 @@
-"""One LightningModule per training objective; each wraps the same GPT."""

@@ -1,0 +1,58 @@
+"""Every on-disk location the pipeline reads or writes, in one place.
+
+Paths DVC tracks are relative to the working directory (the project root under `dvc repro`, a job's
+directory in a Hydra multirun, a temp directory in the tests), so a stage never writes outside the
+directory it runs in. Paths of the project's own files (conf/, params.yaml, dvc.yaml) are absolute.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+DVC_FILE = PROJECT_ROOT / "dvc.yaml"
+PARAMS_FILE = Path("params.yaml")  # the config `dvc repro` reads, in the working directory
+CODE_DIRS = ("pipeline", "stages")  # the project's code: what a run identity hashes, what stages import
+HF_HOME = PROJECT_ROOT / ".cache" / "huggingface"  # a project-local hub cache (never ~/.cache)
+
+PREPARED = Path("data/prepared")  # the prepare stage's splits and manifest
+MANIFEST = PREPARED / "manifest.json"
+TOKENS = Path("data/tokens")  # the tokenizer stage's token shards
+ARTIFACTS = Path("artifacts")  # checkpoints, one directory per name, the tokenizer and the export
+TOKENIZER_DIR = ARTIFACTS / "tokenizer"
+TOKENIZER_FILE = TOKENIZER_DIR / "tokenizer.json"
+EXPORT_DIR = ARTIFACTS / "export"
+METRICS = Path("metrics")  # metrics/<stage>.json, small and kept in git
+CURVES = METRICS / "curves"  # metrics/curves/<stage>_<split>.json: DVC plots
+REPORTS = Path("reports")
+OUTPUTS = Path("outputs")  # never tracked by DVC: resume checkpoints, Lightning's and Hydra's run directories
+RESUME_ROOT = OUTPUTS / "resume"
+
+# the small files whose bytes identify a large input (a resumed run must see the same inputs)
+IDENTITY_FILES: dict[Path, tuple[Path, ...]] = {
+    PREPARED: (MANIFEST,),  # holds the SHA-256 of every split file
+    TOKENS: (TOKENS / "pretrain.json", TOKENS / "pretrain_val.json"),  # counts and the tokenizer's hash
+    TOKENIZER_DIR: (TOKENIZER_FILE,),
+}
+
+
+def checkpoint_dir(name: str) -> Path:
+    """`artifacts/<name>`: checkpoint `name` (meta.json + model.safetensors)."""
+    return ARTIFACTS / name
+
+
+def metrics_file(stage: str) -> Path:
+    return METRICS / f"{stage}.json"
+
+
+def curve_file(stage: str, split: str) -> Path:
+    """A training stage's logged scalars per step, `split` train or val."""
+    return CURVES / f"{stage}_{split}.json"
+
+
+def resume_dir(stage: str) -> Path:
+    return RESUME_ROOT / stage
+
+
+def lightning_dir(stage: str) -> Path:
+    return OUTPUTS / "lightning" / stage

@@ -1,0 +1,129 @@
+"""Next-token language modeling: the pretraining objective, SFT's (loss on the assistant's replies only), and
+the pretrain, sft and sft_control runs built on them.
+
+loss = mean over predicted positions of -log p(x_{t+1} | x_{<=t}); positions whose label is -100
+(prompt tokens in SFT, padding) are skipped. The labels the SFT datamodule builds are IGNORE_INDEX on
+`<|bos|><|user|> question <|assistant|>` and real on `answer <|end|>`, so the model learns to answer and
+to stop, not to imitate questions.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from pipeline import paths
+from pipeline.config.training import OptimConfig
+from pipeline.data.datamodules import ChatData, PretrainData
+from pipeline.data.tokenizer import IGNORE_INDEX, load_tokenizer
+from pipeline.model.gpt import GPT
+from pipeline.model.handoff import load_gpt
+from pipeline.training.curves import mean_of
+from pipeline.training.objective import Objective
+from pipeline.training.trainer import fit, prepare_model, save_trained_gpt
+
+if TYPE_CHECKING:
+    from pipeline.config.root import Config
+    from pipeline.registry import StageSpec
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+class LanguageModeling(Objective):
+    """Trains `model` on batches {"input_ids": (B,T), "labels": (B,T)} with labels already shifted."""
+
+    def __init__(self, model: GPT, optim: OptimConfig, max_steps: int) -> None:
+        super().__init__(optim, max_steps)
+        self.model = model
+        self.flops_per_token = model.flops_per_token()
+
+    def step_loss(self, batch: dict) -> torch.Tensor:
+        return lm_loss(self.model(batch["input_ids"]), batch["labels"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.step_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
+        self.log_throughput((batch["labels"] != IGNORE_INDEX).sum(), batch_idx)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.step_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/perplexity", math.e ** loss.clamp(max=20), sync_dist=True)
+        tokens_per_byte = getattr(self.trainer.datamodule, "val_tokens_per_byte", None)
+        if tokens_per_byte:  # bits per byte: comparable across tokenizers (nats/token -> bits/byte)
+            self.log("val/bpb", loss / math.log(2) * tokens_per_byte, sync_dist=True)
+
+
+class SupervisedFinetuning(LanguageModeling):
+    """Language modeling on chat conversations; also logs how many answer tokens each batch trains on."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/answer_tokens", float((batch["labels"] != IGNORE_INDEX).sum()))
+        return loss
+
+
+def pretrain(cfg: Config, spec: StageSpec) -> dict:
+    """A GPT from scratch (or from `model.init_from=hf:DIR`) on the pretraining text; saves checkpoint `pretrain`."""
+    p = cfg.pretrain
+    tok = load_tokenizer(cfg.tokenizer.special_tokens)
+    L.seed_everything(cfg.seed, verbose=False)
+    model = GPT(cfg.model.shape(tok.vocab_size))
+    source = cfg.model.init_dir()
+    if source is not None:  # a transformers GPT-2 checkpoint; checked against `model` and the tokenizer first
+        from pipeline.interop.hf import check_imported_tokenizer, load_gpt2_weights
+        check_imported_tokenizer(source, tok.tok, cfg.tokenizer.special_tokens)
+        load_gpt2_weights(model, source)
+    block = model.config.block_size
+    data = PretrainData(tok, block, p.batch_size, cfg.seed)
+    module = LanguageModeling(prepare_model(model, cfg), p.optim, p.max_steps)
+    trainer, curves, final = fit(module, data, cfg, spec, max_steps=p.max_steps, val_every=p.val_every,
+                                 val_batches=p.val_batches, grad_clip=p.grad_clip, accumulate=p.accumulate,
+                                 global_batch_tokens=p.global_batch_tokens, micro_batch_tokens=p.batch_size * block)
+    batch_tokens = p.batch_size * block * trainer.accumulate_grad_batches * trainer.world_size
+    metrics = {"val_loss": final["val/loss"], "val_ppl": math.exp(final["val/loss"]), "val_bpb": final.get("val/bpb"),
+               "train_loss": curves.train[-1]["train/loss"], "first_train_loss": curves.train[0]["train/loss"],
+               "ln_vocab": math.log(tok.vocab_size), "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec"),
+               "mfu": mean_of(curves.train, "train/mfu"), "global_batch_tokens": batch_tokens,
+               "accumulate": trainer.accumulate_grad_batches, "world_size": trainer.world_size,
+               "tokens_seen": p.max_steps * batch_tokens, "n_params": model.num_params(), **curves.totals}
+    save_trained_gpt(trainer, module, spec.writes[0].name, cfg, tok, step=p.max_steps, metrics=metrics)
+    return metrics
+
+
+def finetune(cfg: Config, spec: StageSpec, steps: int, optim: OptimConfig | None = None, **meta) -> dict:
+    """Train the stage's `gpt` checkpoint with the SFT recipe (`cfg.sft`, or `optim` in its place) for `steps`
+    steps; save it as the stage's checkpoint."""
+    s = cfg.sft
+    tok = load_tokenizer(cfg.tokenizer.special_tokens)
+    model, _ = load_gpt(spec.checkpoint("gpt"), tok.sha256)
+    L.seed_everything(cfg.seed, verbose=False)
+    data = ChatData(paths.PREPARED, tok, model.config.block_size, s.batch_size, cfg.seed)
+    module = SupervisedFinetuning(prepare_model(model.train(), cfg), optim or s.optim, steps)
+    trainer, curves, final = fit(module, data, cfg, spec, max_steps=steps, val_every=min(s.val_every, steps),
+                                 val_batches=s.val_batches, grad_clip=s.grad_clip)
+    metrics = {"val_loss": final["val/loss"], "val_ppl": math.exp(final["val/loss"]),
+               "train_loss": curves.train[-1]["train/loss"], "first_train_loss": curves.train[0]["train/loss"],
+               "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec"), **curves.totals}
+    save_trained_gpt(trainer, module, spec.writes[0].name, cfg, tok, step=steps, metrics=metrics, **meta)
+    return metrics
+
+
+def finetune_further(cfg: Config, spec: StageSpec, steps: int, matches: str) -> dict:
+    """The same-compute control: the SFT checkpoint trained `steps` more steps (as many as alignment gave
+    the policy) on the SFT data and batch size.
+
+    The SFT run is extended, not restarted: the steps continue at the learning rate SFT ended on
+    (`sft.optim.lr * min_lr_ratio`), constant, without a new warmup, since a fresh warmup to the peak
+    rate would shake the model and make the control look worse than more SFT really is.
+    """
+    o = cfg.sft.optim
+    extended = o.model_copy(update={"lr": o.lr * o.min_lr_ratio, "warmup_steps": 0, "min_lr_ratio": 1.0})
+    metrics = finetune(cfg, spec, steps, optim=extended, matches=matches)
+    return {"steps": steps, "matches": matches, "lr": float(extended.lr), **metrics}

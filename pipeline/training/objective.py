@@ -1,0 +1,128 @@
+"""What every objective shares: AdamW with decay on matrices only, warmup + cosine schedule, throughput.
+
+Weight decay on 2-D weights (matmuls, embeddings) but not on biases and LayerNorm gains follows
+GPT-2/nanoGPT. The schedule is a linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio`
+at `max_steps`.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+
+from pipeline.config.training import OptimConfig
+from pipeline.model.gpt import GPT
+from pipeline.training.hardware import peak_flops
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+class Objective(L.LightningModule):
+    """Base: optimizer + schedule from an `optim` config subtree, throughput and MFU, FSDP2 sharding."""
+
+    flops_per_token: float | None = None
+    """Training FLOPs per token of the model being trained; subclasses that know it set it (for MFU)."""
+
+    def __init__(self, optim: OptimConfig, max_steps: int) -> None:
+        super().__init__()
+        self.optim_cfg = optim
+        self.max_steps = max_steps
+        self.peak_tflops: float | None = None  # trainer.peak_tflops, set by pipeline.training.trainer.fit
+        self.fsdp2: dict | None = None          # sharding options when strategy=fsdp2, set by fit
+        self._last_time: float | None = None
+        self._tokens: int | torch.Tensor = 0
+        self._peak: float | None = None
+        self.tokens_trained: int | torch.Tensor = 0
+        """Tokens of every training batch this rank has seen (a device tensor, read once at the end)."""
+        self.nonfinite_loss: torch.Tensor | None = None
+        """True once a training loss was NaN/inf; read (one sync) by pipeline.training.resume.check_finite."""
+        self.generator: torch.Generator | None = None  # online RL samples from it (make_generator)
+        self._restored: dict = {}
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())  # stays on the device: no sync per step
+        self.nonfinite_loss = bad if self.nonfinite_loss is None else self.nonfinite_loss | bad
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        """The sampling generator, seeded; on resume, at the state the checkpoint recorded."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        if self._restored.get("generator") is not None:
+            g.set_state(self._restored.pop("generator"))
+        return g
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["objective"] = {"tokens_trained": int(self.tokens_trained),
+                                   "generator": self.generator.get_state() if self.generator is not None else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored = dict(checkpoint.get("objective") or {})
+        self.tokens_trained = self._restored.pop("tokens_trained", 0)
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(param_groups(self, o.weight_decay), lr=o.lr, betas=tuple(o.betas), fused=fused)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, self.max_steps, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_model(self) -> None:
+        """Under strategy=fsdp2 (Lightning's ModelParallelStrategy): shard every transformer block, then
+        each GPT, then this module, over the data-parallel mesh (FSDP2 `fully_shard`)."""
+        if not self.fsdp2 or self.device_mesh is None or self.fsdp2.get("applied"):
+            return  # Lightning calls this hook again for trainer.validate after fit
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        reshard = self.fsdp2["reshard_after_forward"]
+        for gpt in [m for m in self.modules() if isinstance(m, GPT)]:
+            for block in gpt.h:
+                if self.fsdp2["compile"]:
+                    block.compile(mode=self.fsdp2["compile_mode"])
+                fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(gpt, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(self, mesh=mesh, reshard_after_forward=reshard)
+        self.fsdp2["applied"] = True
+
+    def on_fit_start(self) -> None:
+        self._peak = peak_flops(self.device, str(self.trainer.precision), self.peak_tflops)
+
+    def count_tokens(self, n_tokens: int | torch.Tensor) -> None:
+        """Add a training batch's tokens to `tokens_trained` (which `pipeline.training.trainer.fit` reports)."""
+        self.tokens_trained = self.tokens_trained + n_tokens
+
+    def log_throughput(self, n_tokens: int | torch.Tensor, batch_idx: int) -> None:
+        """Count this step's tokens; on logging steps (every trainer.log_every_n_steps) log the learning
+        rate, train/tokens_per_sec (all ranks together) and train/mfu averaged since the last log.
+
+        `n_tokens` may be a device tensor: it is summed on the device and read once per log, so
+        training does not wait for the GPU every step. MFU = model FLOPs per token x tokens/s per
+        device ÷ the device's peak FLOP/s (pipeline.training.hardware), logged where the peak is known.
+        """
+        self._tokens = self._tokens + n_tokens
+        self.count_tokens(n_tokens)
+        if batch_idx != 0 and (batch_idx + 1) % max(1, self.trainer.log_every_n_steps):
+            return
+        now = time.perf_counter()
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self._last_time is not None:
+            per_device = float(self._tokens) / max(now - self._last_time, 1e-9)
+            self.log("train/tokens_per_sec", per_device * self.trainer.world_size)
+            if self._peak and self.flops_per_token:
+                self.log("train/mfu", self.flops_per_token * per_device / self._peak)
+        self._last_time, self._tokens = now, 0
