@@ -218,6 +218,7 @@ def test_every_method_module_has_its_config_file_and_interface():
         assert acfg.method == name == method.__name__.rpartition(".")[2]
         assert method.policy_updates(acfg) > 0 and method.SUMMARY and callable(method.train)
         assert set(method.NEEDS.values()) <= {"gpt", "reward"} and method.splits(acfg)
+        assert methods.declared_needs(name) == method.NEEDS  # what dvc.yaml reads from the source, unimported
 
 
 def test_adaptive_kl_controller_moves_beta_toward_the_target():

@@ -34,11 +34,18 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.config.data import PRETRAIN_MIX, SOURCE_FILES, DataConfig, SourceConfig, allocate, file_builder
+from pipeline.config.data import (
+    CORRUPTIONS,
+    PRETRAIN_MIX,
+    SOURCE_FILES,
+    DataConfig,
+    SourceConfig,
+    allocate,
+    file_builder,
+)
 from pipeline.data.hub import describe, load_rows
 from pipeline.data.splits import EVAL_SPLITS, SPLIT_FILES, TRAIN_SPLITS
 from pipeline.data.tasks import (
-    CORRUPTIONS,
     Problem,
     TaskSpace,
     corrupt,

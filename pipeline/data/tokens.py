@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline import paths
 from pipeline.config.data import DataConfig, TokenizerConfig
 from pipeline.data.shards import head_texts, open_corpus, write_tokens
-from pipeline.data.tokenizer import ChatTokenizer, import_tokenizer, train_bpe
+from pipeline.data.tokenizer import import_tokenizer, load_tokenizer, train_bpe
 from pipeline.io import atomic_dir, file_sha256
 
 
@@ -26,7 +26,7 @@ def build(tokenizer: TokenizerConfig, data: DataConfig, init_dir: Path | None) -
                         tokenizer.special_tokens)
     with atomic_dir(paths.TOKENIZER_DIR) as tmp:
         bpe.save(str(tmp / paths.TOKENIZER_FILE.name))
-    tok = ChatTokenizer.load(paths.TOKENIZER_FILE, tokenizer.special_tokens)
+    tok = load_tokenizer(tokenizer.special_tokens)
     start = time.perf_counter()
     meta = write_tokens(splits, tok, paths.TOKENS, corpus)
     seconds = time.perf_counter() - start

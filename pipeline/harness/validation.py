@@ -4,8 +4,9 @@ Config is checked when it is loaded (pipeline.config.root); what remains is the 
 refuses, within a second and with nothing written, a missing or damaged tokenizer, an upstream checkpoint
 that is missing, damaged, of the wrong kind or from another tokenizer (meta.json and the weights' header
 only), and a prepared split with a line that does not parse, a row without a field its readers need, or
-no rows; each message names the file (and line) and the stage to rerun. The few checks only one stage
-needs (token shards, SFT lengths, eval prompt lengths) are here too, called from that stage's `check`.
+no rows; each message names the file (and line) and the stage to rerun. The checks only one or two stages
+need (token shards, SFT conversation lengths) are here too, called from those stages' `check`; evaluate's
+prompt lengths are checked beside evaluate (pipeline.evaluation.evaluate.check_prompts).
 
 Stage modules call these from their `check(cfg, spec)`: this module is imported only by the stages that
 read such inputs, so that code is in no other stage's import closure (pipeline.harness.imports).

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from pipeline.config.model import GPTConfig
-from pipeline.data.tokenizer import ChatTokenizer, import_tokenizer
+from pipeline.data.tokenizer import import_tokenizer, load_tokenizer
 from pipeline.io import atomic_dir, write_json
 from pipeline.model.gpt import GPT
 from pipeline.model.handoff import load_gpt
@@ -224,7 +224,7 @@ def load_gpt2_weights(model: GPT, path: Path) -> GPT:
 
 def export_checkpoint(name: str, out: str | Path, special_tokens: list[str], producer: str | None = None) -> Path:
     """Export checkpoint `name` (e.g. aligned) with the workspace's tokenizer."""
-    tok = ChatTokenizer.load(TOKENIZER_FILE, special_tokens)
+    tok = load_tokenizer(special_tokens)
     model, meta = load_gpt(name, tok.sha256, producer)
     provenance = {"checkpoint": name, "tokenizer_sha256": tok.sha256,
                   **{k: meta.get(k) for k in ("step", "run_id", "git_commit", "git_dirty", "created")}}

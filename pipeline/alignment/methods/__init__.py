@@ -2,7 +2,8 @@
 
 A method module holds everything about the method, so adding one touches that .py and that .yaml only:
 - `Config`: its config schema (`align` group), a subclass of `MethodConfig` with `method: Literal[<name>]`;
-- `NEEDS`: the checkpoints it reads besides the SFT policy it starts from ({name: kind});
+- `NEEDS`: the checkpoints it reads besides the SFT policy it starts from ({name: kind}), a literal (it is
+  read from the source for dvc.yaml, so that writing dvc.yaml imports no method);
 - `splits(cfg)`: the prepared splits it reads under a config;
 - `policy_updates(cfg)`: the optimizer steps it gives the policy (what sft_control matches);
 - `SUMMARY`: the logged keys whose first and last quarter of the run its metrics report;
@@ -15,8 +16,10 @@ control that matches them) load one.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -52,9 +55,22 @@ def load(cfg: Config) -> tuple[ModuleType, MethodConfig]:
     return method, acfg
 
 
+def declared_needs(name: str) -> dict[str, str]:
+    """Method `name`'s NEEDS, read from its source: the literal it assigns (no import of the method)."""
+    path = next(Path(m.module_finder.path) / f"{name}.py" for m in pkgutil.iter_modules(__path__) if m.name == name)
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        if any(getattr(t, "id", None) == "NEEDS" for t in targets) and node.value is not None:
+            try:
+                return dict(ast.literal_eval(node.value))
+            except ValueError:
+                raise ValueError(f"{path}: NEEDS must be a literal dict of checkpoint name -> kind") from None
+    raise ValueError(f"{path} declares no NEEDS: add NEEDS = {{}} (the checkpoints it reads besides the policy)")
+
+
 def needs(cfg: Config | None) -> dict[str, str]:
     """The checkpoints alignment reads besides its starting point: the configured method's, or (None) what any
-    method may read."""
+    method may read (from the modules' sources: dvc.yaml is written without importing Lightning)."""
     if cfg is not None:
         return dict(load(cfg)[0].NEEDS)
-    return {name: kind for m in names() for name, kind in module(m).NEEDS.items()}
+    return {name: kind for m in names() for name, kind in declared_needs(m).items()}

@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from pipeline.registry import StageSpec
 
 Positive = Annotated[int, Field(ge=1)]
-REWARD = "reward"  # the reward model's checkpoint: it scores the rollouts, and the critic starts from it
-NEEDS = {REWARD: "reward"}
+NEEDS = {"reward": "reward"}  # the reward model: it scores the rollouts, and the critic starts from it
+REWARD = next(iter(NEEDS))
 SUMMARY = ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
            "objective/response_length", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/value_avg")
 
