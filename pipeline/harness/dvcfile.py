@@ -4,15 +4,16 @@ the code its process may import), params, outs, metrics and plots, and the artif
     python -m pipeline.harness.dvcfile            # rewrite dvc.yaml (make dvc.yaml)
     python -m pipeline.harness.dvcfile --check    # exit 1 if dvc.yaml is not what the chain says
 
-Generated rather than checked: a hand-kept list drifts as soon as an import moves (61 missing code deps
-were found when this was introduced), and a check would only say so. The code deps are each stage's
-import closure (pipeline.harness.imports), so editing any file a stage imports makes DVC rerun that stage
-and what follows it; a folder stands for its files when the stage imports all of them (its `__main__.py`
-aside, a command nothing imports).
+Generated rather than checked: a hand-kept list drifts as soon as an import moves (the hand-written
+dvc.yaml this replaced lacked 243 (stage, file) pairs its stages imported), and a check would only say
+so. The code deps are each stage's import closure (pipeline.harness.imports), so editing any file a stage
+imports makes DVC rerun that stage and what follows it; a folder stands for its files when the stage
+imports all of them (its `__main__.py` aside, a command nothing imports).
 """
 from __future__ import annotations
 
 import sys
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -31,13 +32,19 @@ HEADER = """\
 """
 
 
+@cache
+def _importable_files(root: Path) -> frozenset[Path]:
+    """The project's .py files a stage could import: a folder's __main__.py is a command no stage imports, so
+    it does not keep the folder from standing for the rest."""
+    return frozenset(p.relative_to(root) for top in paths.CODE_DIRS for p in (root / top).rglob("*.py")
+                     if "__pycache__" not in p.parts and p.name != "__main__.py")
+
+
 def code_deps(stage: str, root: Path = paths.PROJECT_ROOT) -> list[str]:
     """The project files `python -m stages.<stage>` may import, a folder in place of its files where the
     stage imports all of them."""
     used = imports.files(imports.stage_closure(stage, root), root)
-    # a folder's __main__.py is a command no stage imports: it does not keep the folder from standing for the rest
-    every = {p.relative_to(root) for top in paths.CODE_DIRS for p in (root / top).rglob("*.py")
-             if "__pycache__" not in p.parts and p.name != "__main__.py"}
+    every = _importable_files(root)
 
     def complete(folder: Path) -> bool:
         return all(p in used for p in every if folder in p.parents)
