@@ -4,7 +4,7 @@
 
 The model is the CPU demo model's shape (conf/model/tiny.yaml: 4 layers, 4 heads, 128 wide, vocab 512)
 with a 512-token context, random weights (speed does not depend on training), exported with
-`pipeline.interop.hf.export_gpt2` and loaded back with `AutoModelForCausalLM.from_pretrained`. Both decode
+`pipeline.interop.hf.export_model` and loaded back with `AutoModelForCausalLM.from_pretrained`. Both decode
 greedily from the same random prompts with no stop token, so both produce the same number of
 tokens, and the run checks they produce the *same* tokens. The last line is JSON with tokens/s of
 each per batch size and `ratio_b<N>` = pipeline / transformers (goal ≥ 1).
@@ -22,8 +22,9 @@ import torch
 from tokenizers import Tokenizer, models
 
 from pipeline.config.model import GPTConfig
+from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.inference.sampling import SamplingConfig, generate
-from pipeline.interop.hf import export_gpt2, require_transformers
+from pipeline.interop.hf import export_model, require_transformers
 from pipeline.model.gpt import GPT
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -55,7 +56,7 @@ def main() -> None:
         tok = Tokenizer(models.BPE())  # ids are drawn directly: the tokenizer only carries the special tokens
         tok.add_special_tokens(SPECIALS)
         tok.save(str(Path(tmp) / "tokenizer.json"))
-        export_gpt2(model, Path(tmp) / "tokenizer.json", SPECIALS, Path(tmp) / "hf")
+        export_model(model, ChatTokenizer(tok, SPECIALS), Path(tmp) / "tokenizer.json", Path(tmp) / "hf")
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(Path(tmp) / "hf"), local_files_only=True).eval()
     g = torch.Generator().manual_seed(0)
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0)

@@ -2,7 +2,7 @@
 
     gpt-pipeline chat --stage aligned       # interactive; /reset, /temp 0.7, /topk 20, /topp 0.9, /rep 1.2, /quit
     gpt-pipeline generate --stage sft --prompt "What is 12 + 30?"
-    gpt-pipeline export --stage aligned --out hf/       # a transformers GPT-2 directory (pipeline/interop/hf.py)
+    gpt-pipeline export --stage aligned --out hf/       # a transformers directory (pipeline/interop/hf.py)
 
 Run from the project root (checkpoints and the tokenizer are read from `artifacts/`). `--stage` names a
 language-model checkpoint of the chain (pipeline.inference.chat keeps the conversation).
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--seed", type=int, default=0)
         if name == "generate":
             p.add_argument("--prompt", required=True)
-    p = sub.add_parser("export", help="write a checkpoint as a transformers GPT-2 directory")
+    p = sub.add_parser("export", help="write a checkpoint as a transformers directory (GPT-2 or Llama family)")
     p.add_argument("--stage", default="aligned", choices=models)
     p.add_argument("--out", required=True, help="directory to write (replaced if it holds an earlier export)")
     return parser.parse_args(argv)

@@ -21,6 +21,9 @@ TOKENS = Path("data/tokens")  # the tokenizer stage's token shards
 ARTIFACTS = Path("artifacts")  # checkpoints, one directory per name, the tokenizer and the export
 TOKENIZER_DIR = ARTIFACTS / "tokenizer"
 TOKENIZER_FILE = TOKENIZER_DIR / "tokenizer.json"
+# beside it when the tokenizer stage adopted a checkpoint's chat template (pipeline/data/chat_template.py)
+CHAT_TEMPLATE_FILE = TOKENIZER_DIR / "chat_template.jinja"
+CHAT_TOKENS_FILE = TOKENIZER_DIR / "chat_tokens.json"
 EXPORT_DIR = ARTIFACTS / "export"
 METRICS = Path("metrics")  # metrics/<stage>.json, small and kept in git
 CURVES = METRICS / "curves"  # metrics/curves/<stage>_<split>.json: DVC plots
@@ -32,7 +35,7 @@ RESUME_ROOT = OUTPUTS / "resume"
 IDENTITY_FILES: dict[Path, tuple[Path, ...]] = {
     PREPARED: (MANIFEST,),  # holds the SHA-256 of every split file
     TOKENS: (TOKENS / "pretrain.json", TOKENS / "pretrain_val.json"),  # counts and the tokenizer's hash
-    TOKENIZER_DIR: (TOKENIZER_FILE,),
+    TOKENIZER_DIR: (TOKENIZER_FILE, CHAT_TEMPLATE_FILE, CHAT_TOKENS_FILE),  # absent files are skipped
 }
 
 

@@ -27,7 +27,7 @@ def _splits(cfg: Config) -> tuple[str, ...]:
 SPEC = StageSpec(
     name="align",
     desc="The SFT model aligned by the configured method (align=ppo|dpo|grpo)",
-    params=("seed", "align", "trainer", "strategy"),
+    params=("seed", "align", "trainer", "strategy", "peft"),
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads={"sft": "gpt"},
     reads_for=_reads,
@@ -44,8 +44,11 @@ SPEC = StageSpec(
 def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.alignment import methods
     from pipeline.harness.validation import check_inputs
+    from pipeline.model.lora import check_adapters
+    from stages import registry
     methods.load(cfg)  # the method's own config
-    check_inputs(cfg, spec)
+    inputs = check_inputs(cfg, spec)
+    check_adapters(cfg.peft, spec.name, inputs.metas[spec.checkpoint("gpt")]["model"], registry())
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

@@ -1,4 +1,5 @@
-"""Stage `export`: the aligned checkpoint as a transformers GPT-2 directory (`artifacts/export`).
+"""Stage `export`: the aligned checkpoint as a transformers directory (`artifacts/export`): GPT-2, or the Llama-family
+architecture it was imported as (pipeline/interop/hf.py).
 
 `AutoModelForCausalLM.from_pretrained("artifacts/export")` and `AutoTokenizer.from_pretrained(...)` load it
 offline. Writing it needs no transformers (pipeline/interop/hf.py); any checkpoint can be exported by hand
@@ -16,12 +17,12 @@ if TYPE_CHECKING:
 
 SPEC = StageSpec(
     name="export",
-    desc="The aligned model as a transformers GPT-2 directory (a few MB; writing it needs no transformers)",
+    desc="The aligned model as a transformers directory (GPT-2 or Llama family; writing it needs no transformers)",
     params=("tokenizer.special_tokens",),
     inputs=(paths.TOKENIZER_DIR,),
     reads={"aligned": "gpt"},
     outs=(Out(str(paths.EXPORT_DIR)),),
-    artifacts=(Artifact("export", str(paths.EXPORT_DIR), "model", "The aligned model as a transformers GPT-2 "
+    artifacts=(Artifact("export", str(paths.EXPORT_DIR), "model", "The aligned model as a transformers "
                         "directory (AutoModelForCausalLM.from_pretrained)",
                         ("gpt", "chat", "aligned", "transformers")),),
 )
@@ -38,7 +39,8 @@ def run(cfg: Config, spec: StageSpec) -> dict:
     name = spec.checkpoint("gpt")
     out = export_checkpoint(name, paths.EXPORT_DIR, cfg.tokenizer.special_tokens)
     config = read_json(out / "config.json")
-    return {"checkpoint": name, "vocab_size": config["vocab_size"], "n_positions": config["n_positions"],
+    return {"checkpoint": name, "architecture": config["architectures"][0], "vocab_size": config["vocab_size"],
+            "n_positions": config.get("n_positions", config.get("max_position_embeddings")),
             "model_mb": round((out / "model.safetensors").stat().st_size / 2**20, 3)}
 
 

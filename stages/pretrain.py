@@ -23,8 +23,13 @@ SPEC = StageSpec(
 
 def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.harness.validation import check_inputs, check_token_shards
-    check_token_shards(check_inputs(cfg, spec).tok)
-    cfg.model.init_dir()
+    tok = check_inputs(cfg, spec).tok
+    check_token_shards(tok)
+    source = cfg.model.init_dir()
+    if source is not None:  # config.json, the weights' headers and the tokenizer, before any work
+        from pipeline.interop.hf import check_imported_tokenizer, check_pretrained
+        check_pretrained(cfg.model, tok.vocab_size)
+        check_imported_tokenizer(source, tok.tok, cfg.tokenizer.special_tokens)
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

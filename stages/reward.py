@@ -19,7 +19,7 @@ def _splits(cfg: Config) -> tuple[str, ...]:
 SPEC = StageSpec(
     name="reward",
     desc="A Bradley-Terry reward model (the SFT backbone + a scalar head) on preference pairs",
-    params=("seed", "reward", "trainer", "strategy"),
+    params=("seed", "reward", "trainer", "strategy", "peft"),
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads={"sft": "gpt"},
     splits=_splits,
@@ -32,7 +32,10 @@ SPEC = StageSpec(
 
 def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.harness.validation import check_inputs
-    check_inputs(cfg, spec)
+    from pipeline.model.lora import check_adapters
+    from stages import registry
+    inputs = check_inputs(cfg, spec)
+    check_adapters(cfg.peft, spec.name, inputs.metas[spec.checkpoint("gpt")]["model"], registry())
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

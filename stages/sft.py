@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 SPEC = StageSpec(
     name="sft",
     desc="The pretrained GPT finetuned on chat conversations, loss on the replies only",
-    params=("seed", "sft", "trainer", "strategy"),
+    params=("seed", "sft", "trainer", "strategy", "peft"),
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads={"pretrain": "gpt"},
     splits=("sft",),
@@ -24,8 +24,12 @@ SPEC = StageSpec(
 
 def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.harness.validation import check_conversation_lengths, check_inputs
+    from pipeline.model.lora import check_adapters
+    from stages import registry
     inputs = check_inputs(cfg, spec)
-    check_conversation_lengths(inputs.rows["sft"], inputs.tok, inputs.block_size(spec.checkpoint("gpt")))
+    start = spec.checkpoint("gpt")
+    check_adapters(cfg.peft, "sft", inputs.metas[start]["model"], registry())
+    check_conversation_lengths(inputs.rows["sft"], inputs.tok, inputs.block_size(start))
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

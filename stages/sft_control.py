@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 SPEC = StageSpec(
     name="sft_control",
     desc="The same-compute control: SFT trained as many more steps as alignment gave the policy",
-    params=("seed", "sft", "align", "trainer", "strategy"),
+    params=("seed", "sft", "align", "trainer", "strategy", "peft"),
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads={"sft": "gpt"},
     splits=("sft",),
@@ -28,9 +28,13 @@ SPEC = StageSpec(
 def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.alignment import methods
     from pipeline.harness.validation import check_conversation_lengths, check_inputs
+    from pipeline.model.lora import check_adapters
+    from stages import registry
     methods.load(cfg)  # the method whose policy updates it matches
     inputs = check_inputs(cfg, spec)
-    check_conversation_lengths(inputs.rows["sft"], inputs.tok, inputs.block_size(spec.checkpoint("gpt")))
+    start = spec.checkpoint("gpt")
+    check_adapters(cfg.peft, "sft", inputs.metas[start]["model"], registry())  # it trains as SFT did
+    check_conversation_lengths(inputs.rows["sft"], inputs.tok, inputs.block_size(start))
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

@@ -1,6 +1,7 @@
 """Stage `tokenizer`: train the byte-level BPE with the chat special tokens on the pretraining text, then
 tokenize that text into the flat shards (`data/tokens`) pretraining memory-maps. With
-`model.init_from=hf:DIR` the tokenizer is DIR's instead (plus any special tokens it lacks)."""
+`model.init_from=hf:DIR` the tokenizer is DIR's instead: with DIR's own chat template when it has one
+(artifacts/tokenizer/chat_template.jinja and chat_tokens.json), else plus any special tokens it lacks."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -26,7 +27,13 @@ SPEC = StageSpec(
 
 
 def check(cfg: Config, spec: StageSpec) -> None:
-    cfg.model.init_dir()  # a checkpoint to take the tokenizer from must be there
+    init_dir = cfg.model.init_dir()  # a checkpoint to take the tokenizer from must be there
+    if init_dir is not None:  # with a chat template whose replies can be found, if it has one
+        from pipeline.data.tokenizer import import_chat_template, import_tokenizer
+        from pipeline.interop.hf import check_pretrained
+        tok = import_tokenizer(init_dir, cfg.tokenizer.special_tokens)
+        import_chat_template(init_dir, tok)
+        check_pretrained(cfg.model, tok.get_vocab_size())  # an architecture pretrain could not import: refused now
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

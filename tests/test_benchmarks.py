@@ -47,3 +47,10 @@ def test_hf_generate_quick_compares_both_samplers():
     result = last_json_line("benchmarks.hf_generate", "--quick", timeout=180)
     assert result["pipeline_tok_s_b2"] > 0 and result["hf_tok_s_b2"] > 0 and result["ratio_b2"] > 0
     assert result["same_tokens_b2"] is True  # greedy on the same exported weights: the same tokens
+
+
+def test_hf_llama_quick_compares_both_models_on_the_same_weights():
+    pytest.importorskip("transformers")
+    result = last_json_line("benchmarks.hf_llama", "--quick", timeout=180)
+    assert result["max_logit_gap"] < 1e-4  # imported through model.init_from: the same function
+    assert result["ratio_forward"] > 0 and result["ratio_train"] > 0 and result["pipeline_train_tok_s"] > 0

@@ -16,7 +16,13 @@ from pipeline.config.model import GPTConfig, ModelConfig
 from pipeline.config.schema import ConfigError
 from pipeline.data.tokenizer import import_tokenizer, load_tokenizer
 from pipeline.inference.sampling import SamplingConfig, generate
-from pipeline.interop.hf import check_gpt2_config, check_imported_tokenizer, export_gpt2, load_gpt2_weights
+from pipeline.interop.hf import (
+    check_imported_tokenizer,
+    check_pretrained,
+    export_model,
+    load_pretrained,
+    pretrained_shape,
+)
 from pipeline.model.gpt import GPT
 from pipeline.model.handoff import load_gpt
 from pipeline.paths import TOKENIZER_FILE
@@ -93,7 +99,7 @@ def test_sinusoidal_bias_free_model_exports_exactly(tmp_path):
                           pos_encoding="sinusoidal", bias=False)).eval()
     tokenizer_file = tmp_path / "tokenizer.json"
     byte_level_tokenizer(SPECIALS).save(str(tokenizer_file))
-    export_gpt2(model, tokenizer_file, SPECIALS, tmp_path / "hf")
+    export_model(model, load_tokenizer(SPECIALS, tokenizer_file), tokenizer_file, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
     ids = torch.randint(0, 576, (2, 64))
     with torch.no_grad():
@@ -104,7 +110,7 @@ def test_export_refuses_to_replace_a_foreign_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     model = GPT(GPTConfig(vocab_size=576, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(ValueError, match="not an earlier export"):
-        export_gpt2(model, tmp_path / "tokenizer.json", SPECIALS, tmp_path)
+        export_model(model, None, tmp_path / "tokenizer.json", tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -142,8 +148,9 @@ def random_gpt2(path: Path, **overrides) -> transformers.GPT2LMHeadModel:
 def test_imported_gpt2_gives_the_same_logits(tmp_path):
     hf = random_gpt2(tmp_path)
     vocab = hf.config.vocab_size
-    model = GPT(GPTConfig(vocab_size=320, block_size=128, n_layer=2, n_head=2, n_embd=32, activation="gelu_tanh"))
-    load_gpt2_weights(model.eval(), tmp_path)
+    model = GPT(pretrained_shape(ModelConfig(init_from=f"hf:{tmp_path}"), vocab))
+    assert model.config.activation == "gelu_tanh" and model.config.architecture == "GPT2LMHeadModel"
+    load_pretrained(model.eval(), tmp_path)
     ids = torch.randint(0, vocab, (3, 128))
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)[..., :vocab]).abs().max().item() < 1e-4
@@ -161,15 +168,19 @@ def test_imported_tokenizer_gains_the_special_tokens_after_its_vocabulary(tmp_pa
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(n_layer=3), "set model.n_layer=2"), (dict(n_embd=64, n_head=2), "set model.n_embd=32"),
-    (dict(activation="gelu"), "set model.activation=gelu_tanh"), (dict(pos_encoding="sinusoidal"), "pos_encoding"),
-    (dict(bias=False), "model.bias"), (dict(block_size=256), "model.block_size"),
-    (dict(vocab_size=64), "model.vocab_size")])
-def test_import_refuses_a_mismatch_naming_the_field(tmp_path, change, message):
+    (dict(block_size=256), r"model.block_size \(256\) exceeds .*n_positions \(128\): set model.block_size=128"),
+    (dict(vocab_size=64), "model.vocab_size"), (dict(block_size=128, vocab_size=None), None)])
+def test_import_reads_the_shape_and_refuses_what_it_cannot_hold(tmp_path, change, message):
+    """The user restates nothing: the shape is config.json's; only the training context and an explicit
+    vocabulary must fit it."""
     random_gpt2(tmp_path)
-    shape = dict(vocab_size=320, block_size=128, n_layer=2, n_head=2, n_embd=32, activation="gelu_tanh") | change
+    model = ModelConfig(init_from=f"hf:{tmp_path}", n_layer=7, n_embd=64, **change)
+    if message is None:
+        shape = check_pretrained(model, 305)
+        assert (shape.n_layer, shape.n_embd, shape.vocab_size) == (2, 32, 320)
+        return
     with pytest.raises(ValueError, match=message):
-        check_gpt2_config(tmp_path, GPTConfig(**shape))
+        check_pretrained(model, 305)
 
 
 def test_import_refuses_what_is_not_a_local_gpt2(tmp_path):
@@ -178,9 +189,12 @@ def test_import_refuses_what_is_not_a_local_gpt2(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         ModelConfig.parse({"init_from": f"hf:{tmp_path / 'missing'}"}).init_dir()
     assert ModelConfig().init_dir() is None and ModelConfig(init_from=f"hf:{tmp_path}").init_dir() == tmp_path
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="architectures=.*'bert'.*computes"):
+        check_pretrained(ModelConfig(init_from=f"hf:{tmp_path}"), 300)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="only GPT-2"):
-        check_gpt2_config(tmp_path, GPTConfig())
+    with pytest.raises(ValueError, match="config.json lacks hidden_size"):
+        check_pretrained(ModelConfig(init_from=f"hf:{tmp_path}"), 300)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         import_tokenizer(tmp_path, SPECIALS)
 
@@ -210,7 +224,7 @@ def test_tokenizer_and_pretrain_stages_start_from_an_imported_gpt2(micro_chain, 
 
 def test_export_then_import_round_trips(pipeline_side, exported):
     model, tok = pipeline_side
-    back = load_gpt2_weights(GPT(model.config).eval(), exported)
+    back = load_pretrained(GPT(model.config).eval(), exported)
     ids = torch.randint(0, tok.vocab_size, (2, 64))
     with torch.no_grad():
         assert torch.equal(back(ids), model(ids))

@@ -1,5 +1,10 @@
 """The align stage: the SFT checkpoint aligned by the configured method (pipeline.alignment.methods), saved as
-checkpoint `aligned`, with metrics naming the method and the policy updates it made (what sft_control matches)."""
+checkpoint `aligned`, with metrics naming the method and the policy updates it made (what sft_control matches).
+
+The frozen reference that KL and DPO's implicit reward are measured against is passed to the method as a model
+to call: a second copy of the SFT checkpoint, or, when the policy trains LoRA adapters (`peft.stages` lists
+align), the policy itself with its adapters off (pipeline.model.lora.AdaptersOff), which is the SFT model
+without a second copy in memory. The methods call it the same way either way."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -8,6 +13,7 @@ import lightning as L
 
 from pipeline.alignment import methods
 from pipeline.data.tokenizer import load_tokenizer
+from pipeline.model import lora
 from pipeline.model.handoff import checkpoint_meta, load_gpt, save_checkpoint
 from pipeline.training.curves import first_last
 
@@ -21,12 +27,22 @@ def align(cfg: Config, spec: StageSpec) -> dict:
     tok = load_tokenizer(cfg.tokenizer.special_tokens)
     start = spec.checkpoint("gpt")
     policy, _ = load_gpt(start, tok.sha256)
-    reference, _ = load_gpt(start, tok.sha256)  # the frozen copy KL and DPO's implicit reward are measured against
+    adapters = lora.applies(cfg.peft, spec.name)
+    if not adapters:
+        reference, _ = load_gpt(start, tok.sha256)  # the frozen copy KL and DPO's implicit reward are measured against
     L.seed_everything(cfg.seed, verbose=False)
+    if adapters:
+        policy = lora.add_adapters(policy, cfg.peft)
+        reference = lora.AdaptersOff(policy)
     updates = method.policy_updates(acfg)
     curves, own = method.train(cfg, acfg, spec, policy, reference, tok)
     metrics = {"method": acfg.method, "policy_updates": updates, **own, **first_last(curves.train, method.SUMMARY),
                **curves.totals}
+    trained = {}
+    if adapters:  # only then: the meta and metrics of full finetuning stay as they were
+        metrics.update(lora.param_counts(policy))
+        trained = lora.adapter_meta(cfg.peft, policy)
+        policy = lora.merge(policy)
     save_checkpoint(spec.writes[0].name, policy, checkpoint_meta(cfg, tok, policy, "gpt", method=acfg.method,
-                                                                step=updates))
+                                                                step=updates, **trained))
     return metrics

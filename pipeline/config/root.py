@@ -20,6 +20,7 @@ from pipeline.config.align import MIN_PROMPT
 from pipeline.config.data import DataConfig, TokenizerConfig
 from pipeline.config.evaluate import EvaluateConfig
 from pipeline.config.model import ModelConfig
+from pipeline.config.peft import NoPeft, PeftConfig
 from pipeline.config.schema import Schema
 from pipeline.config.training import (
     LoggerConfig,
@@ -68,6 +69,8 @@ class Config(Schema):
     strategy: StrategyConfig
     logger: LoggerConfig
     align: AlignSelection
+    peft: PeftConfig = NoPeft()
+    """Full finetuning (none) or LoRA adapters (lora) in the stages it names (pipeline.config.peft)."""
 
     @model_validator(mode="after")
     def _groups_agree(self):
@@ -75,6 +78,9 @@ class Config(Schema):
             raise ValueError(f"tokenizer.vocab_size is {self.tokenizer.vocab_size}: it must be >= "
                              f"{self.tokenizer.min_vocab()} (the 256 bytes and {len(self.tokenizer.special_tokens)} "
                              f"special tokens); set tokenizer.vocab_size to {self.tokenizer.min_vocab()} or more")
+        if self.pretrain.max_steps == 0 and self.model.init_from is None:
+            raise ValueError("pretrain.max_steps is 0 but model.init_from is null: there are no pretrained weights "
+                             "to hand on; set model.init_from=hf:DIR or pretrain.max_steps to 1 or more")
         block = self.model.block_size
         budgets = {"reward.on_policy.max_new_tokens": self.reward.on_policy.max_new_tokens,
                    "evaluate.max_new_tokens": self.evaluate.max_new_tokens,

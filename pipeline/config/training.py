@@ -46,6 +46,8 @@ class PretrainConfig(StepsConfig):
 
     where = "pretrain"
 
+    max_steps: Annotated[int, Field(ge=0)]
+    """Optimizer steps; 0 (with model.init_from) hands the imported weights to sft unchanged."""
     accumulate: Count = 1
     """Gradient accumulation steps (ignored when global_batch_tokens is set)."""
     global_batch_tokens: Count | None = None

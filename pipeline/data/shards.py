@@ -6,7 +6,8 @@ Holds `open_corpus` (the `pretrain` and `pretrain_val` document streams `data.co
 
 Design choices:
 - One flat stream per split with every document opened by <|bos|>, as nanoGPT's `.bin` files:
-  training draws windows anywhere in it, so documents need no padding and no index.
+  training draws windows anywhere in it, so documents need no padding and no index. (The token is the
+  tokenizer's `bos_id`: an adopted checkpoint's bos, or without one its document separator.)
 - ids are stored raw as uint16 whenever the vocabulary fits (half the disk and page cache of
   uint32); a `<split>.json` beside the shards says the dtype, the counts and the tokenizer hash.
 - Tokenization is HF `datasets` `.map(batched=True)`: over an Arrow dataset it can fan out to

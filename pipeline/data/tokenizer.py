@@ -8,19 +8,39 @@ assistant=3, end=4 for the default list.
 The chat template is token-level, never string-level, so user text can't forge a special token:
     <|bos|> <|user|> question <|assistant|> answer <|end|> [<|user|> question <|assistant|> answer <|end|> ...]
 SFT puts loss on every `answer <|end|>` only; generation stops at `<|end|>`.
+
+A checkpoint taken with `model.init_from=hf:DIR` whose tokenizer has its own Jinja chat template keeps
+that template instead (`TemplateTokenizer`, the same interface; `pipeline.data.chat_template` renders it
+and finds the replies in it) and gains none of the pipeline's special tokens: its ids are what
+transformers' `apply_chat_template` gives, the loss falls on each reply and its end-of-turn token, and
+generation stops at that token. `load_tokenizer` returns whichever the `tokenizer` stage wrote.
 """
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.config.data import ROLES
+from pipeline.data.chat_template import (
+    MARK_END,
+    MARK_START,
+    TEMPLATE_FILE,
+    TOKENS_FILE,
+    ChatTemplate,
+    Reply,
+    control_pattern,
+    control_tokens,
+    mark,
+)
 from pipeline.io import file_sha256
 from pipeline.paths import TOKENIZER_FILE
 
 IGNORE_INDEX = -100
+RERUN = "run the `tokenizer` stage (dvc repro tokenizer)"
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
@@ -48,6 +68,7 @@ class ChatTokenizer:
         # text that merely looks like "<|end|>" is encoded as bytes, never as the control token
         self.tok.encode_special_tokens = True
         self.sha256 = sha256
+        self.special_tokens = list(special_tokens)
         ids = {}
         for role, token in zip(ROLES, special_tokens):
             tid = tok.token_to_id(token)
@@ -64,14 +85,9 @@ class ChatTokenizer:
         self.tok.encode_special_tokens = True
 
     @classmethod
-    def load(cls, path: str | Path, special_tokens: list[str]) -> ChatTokenizer:
+    def load(cls, path: str | Path, special_tokens: Sequence[str]) -> ChatTokenizer:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run the `tokenizer` stage first (dvc repro tokenizer)")
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as err:  # the Rust library raises a bare Exception for any unreadable file
-            raise ValueError(f"{path} is not a readable tokenizer ({err}): rerun `dvc repro tokenizer`") from None
+        tok = read_tokenizer(path, RERUN)
         missing = [t for t in special_tokens if tok.token_to_id(t) is None]
         if missing:
             raise ValueError(f"{path} lacks the special tokens {missing} named in tokenizer.special_tokens: rerun "
@@ -106,12 +122,13 @@ class ChatTokenizer:
             if message["role"] != role:
                 raise ValueError(f"message {i} has role {message['role']!r}, expected {role!r}: a conversation "
                                  "alternates user and assistant messages, starting with the user")
+            text = list(message["ids"]) if "ids" in message else self.encode(message["content"])
             if role == "user":
-                part = [self.user_id, *self.encode(message["content"]), self.assistant_id]
+                part = [self.user_id, *text, self.assistant_id]
                 ids += part
                 labels += [IGNORE_INDEX] * len(part)
             else:
-                part = self.encode(message["content"]) + ([self.end_id] if with_end or i < len(messages) - 1 else [])
+                part = text + ([self.end_id] if with_end or i < len(messages) - 1 else [])
                 ids += part
                 labels += part
         return ids, labels
@@ -120,25 +137,203 @@ class ChatTokenizer:
         """(input ids, labels) for one exchange; labels are IGNORE_INDEX except on the answer (+ end)."""
         return self.chat([{"role": "user", "content": question}, {"role": "assistant", "content": answer}], with_end)
 
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of a conversation, opening the assistant's turn after it when `add_generation_prompt` (as the
+        exported Jinja template, `hf_tokenizer_config`, renders it). A message may carry `ids`, the exact tokens
+        of its content (a sampled reply), which are used instead of encoding its text again."""
+        ids, _ = self.chat(messages)
+        last = messages[-1]["role"] if messages else None
+        if add_generation_prompt and last != "user":
+            ids.append(self.assistant_id)
+        elif not add_generation_prompt and last == "user":
+            ids.pop()  # the user turn ends where the assistant's begins
+        return ids
+
     def strip_response(self, ids: list[int]) -> list[int]:
         """Cut a generated response at the first end token (exclusive)."""
         return ids[:ids.index(self.end_id)] if self.end_id in ids else ids
 
+    def hf_token_ids(self) -> dict[str, int | None]:
+        """pad/bos/eos ids for a transformers config.json and generation_config.json (eos: where generation stops)."""
+        return {"pad": self.pad_id, "bos": self.bos_id, "eos": self.end_id}
+
+    def hf_tokenizer_config(self, block_size: int) -> dict:
+        """tokenizer_config.json for `AutoTokenizer.from_pretrained`, with the chat template as Jinja."""
+        pad, bos, user, assistant, end = self.special_tokens[:5]
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": end, "pad_token": pad,
+                "additional_special_tokens": [user, assistant], "model_max_length": block_size,
+                "clean_up_tokenization_spaces": False, "chat_template": chat_template(self.special_tokens)}
+
+
+class TemplateTokenizer(ChatTokenizer):
+    """A checkpoint's tokenizer with its own Jinja chat template (`ChatTemplate`), behind ChatTokenizer's interface.
+
+    `tok` encodes plain text, where a special token spelled out stays text; `control` encodes what the
+    template renders, where the control tokens it writes are tokens (and those that came from message text
+    arrive marked, and are encoded as text). `bos_id` opens each pretraining document (the template's
+    `document` token: bos, else a token other than the end of turn); no single token opens a user or an
+    assistant turn, so `user_id` and `assistant_id` are None."""
+
+    def __init__(self, tok: Tokenizer, template: ChatTemplate, sha256: str = "") -> None:
+        self.tok, self.template, self.sha256 = tok, template, sha256
+        self.tok.encode_special_tokens = True
+        self.control = Tokenizer.from_str(tok.to_str())
+        ids = {}
+        for field in ("end_of_turn", "document", "pad"):
+            ids[field] = tok.token_to_id(getattr(template, field))
+            if ids[field] is None:
+                raise ValueError(f"{template.where}: the {field} token {getattr(template, field)!r} is not in the "
+                                 "tokenizer's vocabulary: rerun `dvc repro tokenizer`")
+        self.end_id, self.bos_id, self.pad_id = ids["end_of_turn"], ids["document"], ids["pad"]
+        self.user_id = self.assistant_id = None
+        self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        self.special_tokens = control_tokens(tok, template.source)
+        self._controls = control_pattern(self.special_tokens)
+        self._marked = re.compile(f"{MARK_START}({self._controls.pattern}){MARK_END}|[{MARK_START}{MARK_END}]")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.control.encode_special_tokens = False
+
+    @classmethod
+    def load(cls, path: str | Path, special_tokens: Sequence[str] = ()) -> TemplateTokenizer:
+        """artifacts/tokenizer as the tokenizer stage wrote it (`special_tokens` unused: the template has its own).
+        `sha256` covers tokenizer.json, the template and its tokens: a new template invalidates the checkpoints."""
+        path = Path(path)
+        tok = read_tokenizer(path, RERUN)
+        files = (path, path.parent / TEMPLATE_FILE, path.parent / TOKENS_FILE)
+        template = ChatTemplate.load(path.parent)
+        return cls(tok, template, hashlib.sha256("".join(map(file_sha256, files)).encode()).hexdigest())
+
+    def _marked_messages(self, messages: list[dict]) -> list[dict]:
+        # what the template sees: no None values (as transformers), no `ids`, control tokens in text marked
+        return [mark({k: v for k, v in m.items() if v is not None and k != "ids"}, self._controls) for m in messages]
+
+    def _encode_rendered(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids and character offsets of a rendered conversation, the markers dropped."""
+        if MARK_START not in text and MARK_END not in text:  # the template's own text only: as transformers encodes
+            enc = self.control.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+
+        def add(piece: str, at: int, tok: Tokenizer) -> None:
+            enc = tok.encode(piece, add_special_tokens=False)
+            ids.extend(enc.ids)
+            offsets.extend((at + s, at + e) for s, e in enc.offsets)
+
+        pos = 0
+        for m in self._marked.finditer(text):
+            add(text[pos:m.start()], pos, self.control)
+            if m.group(1):  # a control token from message text, as plain text
+                n = len(ids)
+                add(m.group(1), m.start() + 1, self.tok)
+                if self.tok.token_to_id(m.group(1)) in ids[n:]:
+                    raise ValueError(f"message text spells {m.group(1)!r}, an added token of the tokenizer that even "
+                                     "plain text encodes to, so it can't be kept from acting as a control token")
+            pos = m.end()  # a lone marker (the template split a marked token apart) is dropped
+        add(text[pos:], pos, self.control)
+        return ids, offsets
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of a conversation as the template renders it (`ids` on a message is ignored: a string
+        template renders text)."""
+        return self._encode_rendered(self.template.render(self._marked_messages(messages), add_generation_prompt))[0]
+
+    def prompt(self, question: str) -> list[int]:
+        """Tokens that ask the model to answer `question`: the template with add_generation_prompt."""
+        return self.render([{"role": "user", "content": question}])
+
+    def chat(self, messages: list[dict], with_end: bool = True) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of a conversation: labels are IGNORE_INDEX except on the tokens of every assistant
+        reply and its end-of-turn token (`with_end=False` leaves a last reply open)."""
+        marked = self._marked_messages(messages)
+        text, replies, _ = self.template.replies(marked)
+        if not with_end and marked and marked[-1].get("role") == "assistant":
+            last = replies[-1]
+            text, replies = text[:last.content_end], [*replies[:-1], Reply(last.start, last.content_end,
+                                                                             last.content_end)]
+        ids, offsets = self._encode_rendered(text)
+        labels = [IGNORE_INDEX] * len(ids)
+        spans = iter(replies)
+        span = next(spans, None)
+        for j, (start, end) in enumerate(offsets):  # a token overlapping a reply is the reply's (as transformers)
+            while span is not None and start >= span.end:
+                span = next(spans, None)
+            if span is None:
+                break
+            if end > span.start:
+                labels[j] = ids[j]
+        return ids, labels
+
+    def hf_tokenizer_config(self, block_size: int) -> dict:
+        """tokenizer_config.json with the adopted template and the checkpoint's own bos/eos tokens (what the template
+        renders with); pad is the one the pipeline pads with."""
+        t = self.template
+        eos = t.eos_token or t.end_of_turn
+        named = {t.bos_token, eos, t.pad}
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": t.bos_token, "eos_token": eos,
+                "pad_token": t.pad, "additional_special_tokens": [c for c in self.special_tokens if c not in named],
+                "model_max_length": block_size, "clean_up_tokenization_spaces": False, "chat_template": t.source}
+
+
+def chat_template(special_tokens: Sequence[str]) -> str:
+    """Jinja rendering of ChatTokenizer.chat/prompt: <|bos|> (<|user|> q <|assistant|> a <|end|>)* ...
+
+    The user turn ends where the assistant's begins, so `add_generation_prompt=True` after a user
+    message gives exactly `ChatTokenizer.prompt(q)`. Unlike the pipeline's token-level template, a
+    string template lets message text that spells a special token become that token.
+    """
+    _, bos, user, assistant, end = special_tokens[:5]
+    return ("{{ '" + bos + "' }}"
+            "{% for message in messages %}"
+            "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('a conversation alternates user and assistant messages, starting with the user') }}"
+            "{% endif %}"
+            "{% if message['role'] == 'user' %}{{ '" + user + "' + message['content'] }}"
+            "{% else %}{{ '" + assistant + "' + message['content'] + '" + end + "' }}{% endif %}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}{{ '" + assistant + "' }}{% endif %}")
+
+
+def read_tokenizer(path: Path, fix: str) -> Tokenizer:
+    """The tokenizers.Tokenizer in `path`; a missing or unreadable file is refused, naming it and `fix`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {fix}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust library raises a bare Exception for any unreadable file
+        raise ValueError(f"{path} is not a readable tokenizer ({err}): {fix}") from None
+
 
 def load_tokenizer(special_tokens: Sequence[str], path: str | Path = TOKENIZER_FILE) -> ChatTokenizer:
-    """The workspace's tokenizer (artifacts/tokenizer, written by the tokenizer stage) with the chat template."""
-    return ChatTokenizer.load(path, list(special_tokens))
+    """The workspace's tokenizer (artifacts/tokenizer, written by the tokenizer stage): a TemplateTokenizer where
+    the stage adopted a checkpoint's chat template (chat_template.jinja beside tokenizer.json), else the pipeline's
+    template on `special_tokens`."""
+    path = Path(path)
+    if (path.parent / TEMPLATE_FILE).is_file():
+        return TemplateTokenizer.load(path)
+    return ChatTokenizer.load(path, special_tokens)
 
 
 def import_tokenizer(directory: Path, special_tokens: Sequence[str]) -> Tokenizer:
-    """A transformers checkpoint's tokenizer.json (`model.init_from`), with any of the pipeline's special
-    tokens it lacks appended after its vocabulary: its ids are what the imported weights know."""
+    """A transformers checkpoint's tokenizer.json (`model.init_from`): its ids are what the imported weights know.
+    Without a chat template of its own, any of the pipeline's special tokens it lacks are appended after its
+    vocabulary (the pipeline's template needs them); with one, it is taken unchanged."""
     file = directory / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"model.init_from: {file} not found: the pipeline needs a fast tokenizer's "
                                 "tokenizer.json (AutoTokenizer.from_pretrained(...).save_pretrained(DIR) writes one)")
-    tok = Tokenizer.from_file(str(file))
-    missing = [t for t in special_tokens if tok.token_to_id(t) is None]
-    if missing:
-        tok.add_special_tokens(missing)
+    tok = read_tokenizer(file, "model.init_from needs a transformers fast tokenizer's tokenizer.json")
+    if ChatTemplate.read(directory) is None:
+        missing = [t for t in special_tokens if tok.token_to_id(t) is None]
+        if missing:
+            tok.add_special_tokens(missing)
     return tok
+
+
+def import_chat_template(directory: Path, tok: Tokenizer) -> ChatTemplate | None:
+    """DIR's own chat template, probed and with its end-of-turn, document and pad tokens chosen (None when DIR
+    has none); one whose replies can't be located is refused, naming its file (chat_template.TemplateError)."""
+    template = ChatTemplate.read(directory)
+    return None if template is None else template.adopt(tok)

@@ -68,12 +68,14 @@ def check_token_shards(tok: ChatTokenizer) -> None:
 
 def check_conversation_lengths(rows: list[dict], tok: ChatTokenizer, block: int) -> None:
     """Every SFT conversation must fit in model.block_size (row i is line i + 1: prepare writes no blank lines).
-    A byte-level token spans at least one byte and a message adds at most two special tokens, so only
-    conversations whose bytes could exceed `block` are tokenized."""
+    Under the pipeline's template a byte-level token spans at least one byte and a message adds at most two
+    special tokens, so only conversations whose bytes could exceed `block` are tokenized; a checkpoint's own
+    template (TemplateTokenizer) adds text of its own, so every conversation is."""
     path = paths.PREPARED / SPLIT_FILES["sft"]
+    bounded = type(tok) is ChatTokenizer
     for i, row in enumerate(rows):
         try:
-            if 1 + sum(len(m["content"].encode()) + 2 for m in row["messages"]) <= block:
+            if bounded and 1 + sum(len(m["content"].encode()) + 2 for m in row["messages"]) <= block:
                 continue
             n = len(tok.chat(row["messages"])[0])
         except (KeyError, TypeError, AttributeError):

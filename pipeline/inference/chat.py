@@ -1,7 +1,9 @@
 """A conversation with one model in the chat template: history, streamed replies, /commands to tune sampling.
 
-The conversation is kept in the chat template, <|bos|> <|user|> q1 <|assistant|> a1 <|end|> <|user|> q2
-<|assistant|> ..., and the oldest turns are dropped when it would no longer fit the model's context.
+The conversation is rendered in the tokenizer's chat template (`render`: the pipeline's <|bos|> <|user|> q1
+<|assistant|> a1 <|end|> <|user|> q2 <|assistant|> ..., or an adopted checkpoint's own), each reply as the
+exact tokens sampled where the template is token-level, and the oldest turns are dropped when it would no
+longer fit the model's context.
 Replies stream token by token as they are sampled. `gpt-pipeline chat` and `generate` drive it.
 """
 from __future__ import annotations
@@ -32,14 +34,22 @@ class Chat:
     def context(self, question: str) -> list[int]:
         """The prompt for the next reply; the oldest turns are dropped until it leaves room to answer."""
         room = self.model.config.block_size - self.sampling.max_new_tokens
-        ask = [self.tok.user_id, *self.tok.encode(question), self.tok.assistant_id]
+        ask = {"role": "user", "content": question}
         turns = list(self.turns)
         while True:
-            history = [t for u, r in turns for t in (self.tok.user_id, *u, self.tok.assistant_id, *r)]
-            ids = [self.tok.bos_id, *history, *ask]
+            ids = self.tok.render([*self.history(turns), ask], add_generation_prompt=True)
             if len(ids) <= room or not turns:
                 return ids[-room:] if len(ids) > room else ids
             turns.pop(0)
+
+    def history(self, turns: list[tuple[list[int], list[int]]]) -> list[dict]:
+        """The turns as messages; each carries its exact ids, which a token-level template uses as they are."""
+        out = []
+        for user, reply in turns:
+            reply = self.tok.strip_response(reply)
+            out += [{"role": "user", "content": self.tok.decode(user), "ids": user},
+                    {"role": "assistant", "content": self.tok.decode(reply), "ids": reply}]
+        return out
 
     def reply(self, question: str, out=None) -> str:
         """Sample a reply to `question`, writing it to `out` (default: the current stdout) as it is sampled;

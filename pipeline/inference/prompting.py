@@ -78,11 +78,13 @@ class FewShotPool:
 
 def few_shot_prompt(tok: ChatTokenizer, templates: PromptTemplates, exemplars: list[dict], question: str,
                     room: int) -> tuple[list[int], int]:
-    """(prompt ids, shots used): the exemplars as earlier turns, then the question. The exemplars
-    farthest from the question are dropped until the prompt fits in `room` tokens."""
-    ask = [tok.user_id, *tok.encode(templates.question(question)), tok.assistant_id]
-    turns = [[tok.user_id, *tok.encode(templates.question(e["prompt"])), tok.assistant_id,
-              *tok.encode(e["answer"]), tok.end_id] for e in exemplars]
-    while turns and 1 + sum(map(len, turns)) + len(ask) > room:
-        turns.pop(0)
-    return [tok.bos_id, *(t for turn in turns for t in turn), *ask], len(turns)
+    """(prompt ids, shots used): the exemplars as earlier turns, then the question, in the tokenizer's chat
+    template. The exemplars farthest from the question are dropped until the prompt fits in `room` tokens."""
+    ask = {"role": "user", "content": templates.question(question)}
+    shots = [[{"role": "user", "content": templates.question(e["prompt"])},
+              {"role": "assistant", "content": e["answer"]}] for e in exemplars]
+    while True:
+        ids = tok.render([*(m for shot in shots for m in shot), ask], add_generation_prompt=True)
+        if len(ids) <= room or not shots:
+            return ids, len(shots)
+        shots.pop(0)

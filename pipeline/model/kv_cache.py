@@ -1,6 +1,6 @@
 """Key/value cache for incremental decoding.
 
-One preallocated tensor pair per layer, shape (B, n_head, max_len, head_dim). All rows advance
+One preallocated tensor pair per layer, shape (B, n_kv_head, max_len, head_dim). All rows advance
 together (prompts are left-padded), so a single integer `length` says how much is filled; a boolean
 `key_mask` (B, max_len) marks which cached positions are real tokens rather than left padding.
 """
@@ -12,9 +12,9 @@ import torch
 class KVCache:
     """Per-layer keys and values for a batch being decoded token by token."""
 
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.key_mask = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)

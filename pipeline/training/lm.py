@@ -19,6 +19,7 @@ from pipeline import paths
 from pipeline.config.training import OptimConfig
 from pipeline.data.datamodules import ChatData, PretrainData
 from pipeline.data.tokenizer import IGNORE_INDEX, load_tokenizer
+from pipeline.model import lora
 from pipeline.model.gpt import GPT
 from pipeline.model.handoff import load_gpt
 from pipeline.training.curves import mean_of
@@ -70,40 +71,54 @@ class SupervisedFinetuning(LanguageModeling):
 
 
 def pretrain(cfg: Config, spec: StageSpec) -> dict:
-    """A GPT from scratch (or from `model.init_from=hf:DIR`) on the pretraining text; saves checkpoint `pretrain`."""
+    """A GPT from scratch (or from `model.init_from=hf:DIR`) on the pretraining text; saves checkpoint `pretrain`.
+
+    With `model.init_from` and `pretrain.max_steps=0` nothing is trained: the imported weights are measured on
+    the validation text and handed on unchanged."""
+    from pipeline.interop.hf import model_shape
     p = cfg.pretrain
     tok = load_tokenizer(cfg.tokenizer.special_tokens)
     L.seed_everything(cfg.seed, verbose=False)
-    model = GPT(cfg.model.shape(tok.vocab_size))
+    model = GPT(model_shape(cfg.model, tok.vocab_size))
     source = cfg.model.init_dir()
-    if source is not None:  # a transformers GPT-2 checkpoint; checked against `model` and the tokenizer first
-        from pipeline.interop.hf import check_imported_tokenizer, load_gpt2_weights
+    if source is not None:  # a transformers checkpoint; checked against the workspace's tokenizer first
+        from pipeline.interop.hf import check_imported_tokenizer, load_pretrained
         check_imported_tokenizer(source, tok.tok, cfg.tokenizer.special_tokens)
-        load_gpt2_weights(model, source)
+        load_pretrained(model, source)
     block = model.config.block_size
     data = PretrainData(tok, block, p.batch_size, cfg.seed)
     module = LanguageModeling(prepare_model(model, cfg), p.optim, p.max_steps)
-    trainer, curves, final = fit(module, data, cfg, spec, max_steps=p.max_steps, val_every=p.val_every,
+    val_every = max(1, min(p.val_every, p.max_steps))  # max_steps=0: fit trains nothing, then validates
+    trainer, curves, final = fit(module, data, cfg, spec, max_steps=p.max_steps, val_every=val_every,
                                  val_batches=p.val_batches, grad_clip=p.grad_clip, accumulate=p.accumulate,
                                  global_batch_tokens=p.global_batch_tokens, micro_batch_tokens=p.batch_size * block)
     batch_tokens = p.batch_size * block * trainer.accumulate_grad_batches * trainer.world_size
+    first, last = (curves.train[0], curves.train[-1]) if curves.train else ({}, {})
     metrics = {"val_loss": final["val/loss"], "val_ppl": math.exp(final["val/loss"]), "val_bpb": final.get("val/bpb"),
-               "train_loss": curves.train[-1]["train/loss"], "first_train_loss": curves.train[0]["train/loss"],
+               "train_loss": last.get("train/loss"), "first_train_loss": first.get("train/loss"),
                "ln_vocab": math.log(tok.vocab_size), "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec"),
                "mfu": mean_of(curves.train, "train/mfu"), "global_batch_tokens": batch_tokens,
                "accumulate": trainer.accumulate_grad_batches, "world_size": trainer.world_size,
                "tokens_seen": p.max_steps * batch_tokens, "n_params": model.num_params(), **curves.totals}
+    if source is not None:
+        metrics["init_from"] = str(source)
     save_trained_gpt(trainer, module, spec.writes[0].name, cfg, tok, step=p.max_steps, metrics=metrics)
     return metrics
 
 
 def finetune(cfg: Config, spec: StageSpec, steps: int, optim: OptimConfig | None = None, **meta) -> dict:
     """Train the stage's `gpt` checkpoint with the SFT recipe (`cfg.sft`, or `optim` in its place) for `steps`
-    steps; save it as the stage's checkpoint."""
+    steps; save it as the stage's checkpoint.
+
+    With `peft.stages` listing sft, the recipe trains LoRA adapters (pipeline.model.lora), for sft_control too
+    (it extends the SFT run, so it trains as SFT did); the checkpoint holds them merged."""
     s = cfg.sft
     tok = load_tokenizer(cfg.tokenizer.special_tokens)
     model, _ = load_gpt(spec.checkpoint("gpt"), tok.sha256)
     L.seed_everything(cfg.seed, verbose=False)
+    adapters = lora.applies(cfg.peft, "sft")
+    if adapters:
+        model = lora.add_adapters(model, cfg.peft)
     data = ChatData(paths.PREPARED, tok, model.config.block_size, s.batch_size, cfg.seed)
     module = SupervisedFinetuning(prepare_model(model.train(), cfg), optim or s.optim, steps)
     trainer, curves, final = fit(module, data, cfg, spec, max_steps=steps, val_every=min(s.val_every, steps),
@@ -111,6 +126,9 @@ def finetune(cfg: Config, spec: StageSpec, steps: int, optim: OptimConfig | None
     metrics = {"val_loss": final["val/loss"], "val_ppl": math.exp(final["val/loss"]),
                "train_loss": curves.train[-1]["train/loss"], "first_train_loss": curves.train[0]["train/loss"],
                "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec"), **curves.totals}
+    if adapters:  # only then: the meta and metrics of full finetuning stay as they were
+        metrics.update(lora.param_counts(module.model))
+        meta.update(lora.adapter_meta(cfg.peft, module.model))
     save_trained_gpt(trainer, module, spec.writes[0].name, cfg, tok, step=steps, metrics=metrics, **meta)
     return metrics
 

@@ -9,6 +9,9 @@ On-policy pairs: as in InstructGPT, where labelers rank the model's own outputs,
 samples the SFT policy on training prompts and pairs each wrong sample (judged by the generator's
 checker, the reliable labeler here) with the correct answer, so the reward model (and DPO) also learns
 the mistakes the policy actually makes, not only the synthetic corruptions.
+
+With `peft.stages` listing reward, the backbone trains LoRA adapters and the scalar head trains whole; the
+checkpoint holds them merged (pipeline.model.lora).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from pipeline.data.splits import load_split
 from pipeline.data.tasks import check
 from pipeline.data.tokenizer import ChatTokenizer, load_tokenizer
 from pipeline.inference.sampling import SamplingConfig, generate
+from pipeline.model import lora
 from pipeline.model.gpt import GPT
 from pipeline.model.handoff import checkpoint_meta, load_gpt, save_checkpoint
 from pipeline.model.heads import ScalarHead
@@ -129,6 +133,9 @@ def train_reward_model(cfg: Config, spec: StageSpec) -> dict:
     L.seed_everything(cfg.seed, verbose=False)
     extra = sample_on_policy(backbone, tok, r.on_policy, cfg.seed)
     model = ScalarHead(backbone.train(), likelihood_term=r.likelihood_term)
+    adapters = lora.applies(cfg.peft, spec.name)
+    if adapters:  # LoRA on the backbone only: the head (and lm_scale) train whole, the likelihood copy stays frozen
+        model.backbone = lora.add_adapters(model.backbone, cfg.peft)
     data = PreferenceData(paths.PREPARED, tok, backbone.config.block_size, r.batch_size, cfg.seed, r.val_fraction,
                           extra)
     module = RewardModeling(model, r.optim, r.max_steps)
@@ -140,6 +147,12 @@ def train_reward_model(cfg: Config, spec: StageSpec) -> dict:
                "on_policy_pairs": len(extra),
                "lm_scale": model.lm_scale.item() if model.likelihood_term else 0.0,
                **accuracy_by_corruption(model, data), **curves.totals}
+    trained = {}
+    if adapters:  # only then: the meta and metrics of full finetuning stay as they were
+        metrics.update(lora.param_counts(model))
+        trained = lora.adapter_meta(cfg.peft, model)
+        model.backbone = backbone = lora.merge(model.backbone)  # a plain reward model, as PPO loads it
     save_checkpoint(spec.writes[0].name, model, checkpoint_meta(cfg, tok, backbone, "reward", step=r.max_steps,
-                                                               likelihood_term=r.likelihood_term, metrics=metrics))
+                                                               likelihood_term=r.likelihood_term, metrics=metrics,
+                                                               **trained))
     return metrics

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from pipeline import paths
 from pipeline.model.gpt import GPT, Block
 from pipeline.model.handoff import checkpoint_meta, save_checkpoint
+from pipeline.model.lora import is_adapted, merged_gpt
 from pipeline.training.curves import CurveRecorder
 from pipeline.training.loggers import build_logger
 from pipeline.training.resume import ResumeCheckpoint, ResumeState
@@ -130,11 +131,15 @@ def gathered_weights(trainer: L.Trainer, module: L.LightningModule, attr: str) -
 
 def save_trained_gpt(trainer: L.Trainer, module: L.LightningModule, name: str, cfg: Config, tok: ChatTokenizer,
                      **meta) -> None:
-    """Save `module.model` (a GPT) as checkpoint `name`: gathered from every rank, written by rank 0 only."""
+    """Save `module.model` (a GPT, or one with LoRA adapters: saved merged, a plain GPT) as checkpoint `name`:
+    gathered from every rank, written by rank 0 only."""
     weights = gathered_weights(trainer, module, "model")
     if trainer.is_global_zero:
-        model = GPT(module.model.config)
-        model.load_state_dict(weights)
+        if is_adapted(module.model):
+            model = merged_gpt(module.model, weights)
+        else:
+            model = GPT(module.model.config)
+            model.load_state_dict(weights)
         save_checkpoint(name, model, checkpoint_meta(cfg, tok, model, "gpt", **meta))
 
 

@@ -8,7 +8,9 @@ A method module holds everything about the method, so adding one touches that .p
 - `policy_updates(cfg)`: the optimizer steps it gives the policy (what sft_control matches);
 - `SUMMARY`: the logged keys whose first and last quarter of the run its metrics report;
 - its objective (a LightningModule) and `train(cfg, method_cfg, spec, policy, reference, tok)`, which
-  fits it and returns (the curves, its own metrics).
+  fits it and returns (the curves, its own metrics). `reference` is the frozen SFT model as a module to
+  call: a second copy, or the policy with its LoRA adapters off (pipeline.alignment.align); the policy may
+  be a GPT with adapters (pipeline.model.lora), whose trainable parameters are the adapters only.
 
 Methods are found by module name (`load`), not registered in a list: the module name is the method's
 name and the YAML's `method`. Method modules import Lightning, so only the stages that align (and the
