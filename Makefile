@@ -1,5 +1,5 @@
 # `make run`: set up .venv and run the whole lifecycle with `dvc repro`.
-# `make test`: set up .venv (with test extras), lint with ruff, and run the test suite.
+# `make test`: set up .venv (with test extras), lint with ruff, and run the test suite (2 pytest-xdist workers).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -27,8 +27,11 @@ run: install
 lint: install
 	@$(PY) -m ruff check .
 
+# 2 pytest-xdist workers, one test at a time each; tests/conftest.py groups the tests that share an expensive
+# session fixture or start processes of their own. `make test PYTEST_WORKERS=0` runs the suite in one process.
+PYTEST_WORKERS ?= 2
 test: lint
-	@OMP_NUM_THREADS=1 $(PY) -m pytest; rc=$$?; \
+	@OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 # the two files derived from the project: params.yaml from conf/, dvc.yaml from the chain in stages/

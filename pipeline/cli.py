@@ -5,7 +5,8 @@
     gpt-pipeline export --stage aligned --out hf/       # a transformers directory (pipeline/interop/hf.py)
 
 Run from the project root (checkpoints and the tokenizer are read from `artifacts/`). `--stage` names a
-language-model checkpoint of the chain (pipeline.inference.chat keeps the conversation).
+language-model checkpoint of the chain (pipeline.inference.chat keeps the conversation). The model runs on
+the workspace's `trainer.accelerator` in its `trainer.precision` (params.yaml, else conf/), on one device.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pipeline.config.load import compose, load_params
 from pipeline.config.root import Config, load_config
 from pipeline.data.tokenizer import ChatTokenizer, load_tokenizer
 from pipeline.inference.chat import HELP, Chat
+from pipeline.inference.placement import Placement
 from pipeline.inference.sampling import SamplingConfig
 from pipeline.model.gpt import GPT
 from pipeline.model.handoff import load_gpt
@@ -27,11 +29,13 @@ def _config() -> Config:
     return load_config(load_params() if PARAMS_FILE.is_file() else compose())  # the workspace's params, else conf/
 
 
-def _load(args: argparse.Namespace) -> tuple[GPT, ChatTokenizer, SamplingConfig]:
-    tok = load_tokenizer(_config().tokenizer.special_tokens)
+def _load(args: argparse.Namespace) -> tuple[GPT, ChatTokenizer, SamplingConfig, Placement]:
+    cfg = _config()
+    placement = Placement.from_config(cfg.trainer)  # an accelerator this machine lacks is refused before loading
+    tok = load_tokenizer(cfg.tokenizer.special_tokens)
     model, _ = load_gpt(args.stage, tok.sha256, registry().producer(args.stage))
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    return model.eval(), tok, sampling
+    return placement.place(model), tok, sampling, placement
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         return export(args)
     try:
-        model, tok, sampling = _load(args)
+        model, tok, sampling, placement = _load(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"gpt-pipeline: {err}", file=sys.stderr)
         return 2
-    chat = Chat(model, tok, sampling, args.seed)
+    chat = Chat(model, tok, sampling, args.seed, placement)
     if args.command == "generate":
         chat.reply(args.prompt)
         return 0

@@ -44,9 +44,12 @@ SPEC = StageSpec(
 def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.alignment import methods
     from pipeline.harness.validation import check_inputs
+    from pipeline.inference.placement import check_placement, world_size
     from pipeline.model.lora import check_adapters
     from stages import registry
-    methods.load(cfg)  # the method's own config
+    _, acfg = methods.load(cfg)  # the method's own config
+    check_placement(cfg.trainer)
+    methods.check_world(acfg, world_size(cfg.trainer), cfg.strategy.name, getattr(cfg.strategy, "stage", None))
     inputs = check_inputs(cfg, spec)
     check_adapters(cfg.peft, spec.name, inputs.metas[spec.checkpoint("gpt")]["model"], registry())
 

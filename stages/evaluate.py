@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 SPEC = StageSpec(
     name="evaluate",
     desc="Every language-model checkpoint on the same eval prompts, and the verdict on alignment",
-    params=("seed", "evaluate"),
+    params=("seed", "evaluate", "trainer"),  # trainer: the device and precision it scores in
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads_every="gpt",
     reads={"reward": "reward"},
@@ -26,6 +26,8 @@ SPEC = StageSpec(
 def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.evaluation.evaluate import REFERENCE, check_prompts
     from pipeline.harness.validation import check_inputs
+    from pipeline.inference.placement import check_placement
+    check_placement(cfg.trainer)  # an accelerator this machine lacks stops the stage before it loads anything
     inputs = check_inputs(cfg, spec)
     check_prompts(cfg.evaluate, inputs.tok, inputs.block_size(REFERENCE),
                   {split: inputs.rows[split] for split in ("eval", "eval_hard")})

@@ -32,8 +32,10 @@ SPEC = StageSpec(
 
 def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.harness.validation import check_inputs
+    from pipeline.inference.placement import check_placement
     from pipeline.model.lora import check_adapters
     from stages import registry
+    check_placement(cfg.trainer)
     inputs = check_inputs(cfg, spec)
     check_adapters(cfg.peft, spec.name, inputs.metas[spec.checkpoint("gpt")]["model"], registry())
 

@@ -5,6 +5,7 @@ directory (artifact paths are repo-relative, so a chdir isolates it from the rep
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +23,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# HF `datasets`' cache: a temp dir for this pytest run (its xdist workers inherit it; `datasets` locks what it
+# writes), not the pipeline's default, the repo's own .cache/huggingface, which each run's temp data files grow.
+# An HF_HOME set beforehand wins.
+if "HF_HOME" not in os.environ:
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="gpt-pipeline-tests-hf-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,6 +43,44 @@ def micro_config(*overrides: str):
     """The micro experiment as the typed Config a stage receives."""
     from pipeline.config.root import load_config
     return load_config(compose_micro(*overrides))
+
+
+# pytest-xdist (`make test`: -n 2 --dist loadgroup) runs each group of tests on one worker, in collection order, and
+# gives each worker process its own session and module fixtures. The tests that read `micro_repo` (~200 s to
+# build) are one group; those that read `micro_chain` another, joined by the tests that start 2+ processes of
+# their own (gloo ranks, torchrun: mark them `multiprocess`), so at most one of those runs at a time. Tests that
+# read both are in the micro_repo group (that worker builds micro_chain too, ~15 s). Every other test is grouped
+# with its module, which runs whole on one worker as it does serially (some modules' tests build on each other).
+MULTIPROCESS_MODULES = {"test_distributed.py"}  # a whole module of multiprocess tests that is not marked so
+
+
+def xdist_group_of(item: pytest.Item) -> str:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if "micro_repo" in fixtures:
+        return "micro_repo"
+    if "micro_chain" in fixtures or item.get_closest_marker("multiprocess") or item.path.name in MULTIPROCESS_MODULES:
+        return "micro_chain"
+    return item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            if not item.get_closest_marker("xdist_group"):  # else the group the test names itself
+                item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
+    result = yield  # xdist's own hook (on a worker) appends "@<group>" to each nodeid: the scheduler reads it there
+    if getattr(config.option, "loadgroup", False):
+        # pytest >= 9.2 keeps the nodeid in Node._id, and pytest-xdist <= 3.8 still writes the old attribute, so the
+        # groups are silently lost (pytest-dev/pytest-xdist#1386): write the suffix where pytest reads it
+        for item in items:
+            names = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                     for m in item.iter_markers("xdist_group")}
+            suffix = "@" + "_".join(sorted(names))
+            if names and not item.nodeid.endswith(suffix):
+                from _pytest.nodeid import NodeId  # pytest >= 9.2 only
+                item._id = NodeId.parse(item.nodeid + suffix)
+    return result
 
 
 @pytest.fixture
@@ -171,3 +217,29 @@ def micro_repo(tmp_path_factory) -> Path:
     (repo.parent / "repro.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return repo
+
+
+def seeded_workspace(path: Path, *overrides: str) -> Path:
+    """A micro workspace in `path`: prepared data, the tokenizer, and a seeded micro GPT as checkpoint `pretrain`
+    (what sft trains on), in seconds; returns `path`."""
+    import torch
+
+    from pipeline.config.root import load_config
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.model.gpt import GPT
+    from pipeline.model.handoff import checkpoint_meta, save_checkpoint
+    from stages import run_stage
+
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        raw = compose_micro(*overrides)
+        run_stage("prepare", raw)
+        run_stage("tokenizer", raw)
+        cfg, tok = load_config(raw), load_tokenizer(raw.tokenizer.special_tokens)
+        torch.manual_seed(0)
+        model = GPT(cfg.model.shape(tok.vocab_size))
+        save_checkpoint("pretrain", model, checkpoint_meta(cfg, tok, model, "gpt", step=0))
+    finally:
+        os.chdir(old)
+    return path

@@ -138,3 +138,15 @@ def test_missing_evaluate_names_the_stage_to_run(workdir):
     Path("metrics/evaluate.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"evaluate\.json not found: run the evaluate stage"):
         run_report()
+
+
+def test_online_alignment_time_split_is_reported(workdir):
+    """An online method's metrics carry its mean seconds per iteration generating and training: the report says
+    them and the share."""
+    path = Path("metrics/align.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "generation_s_per_iteration": 0.75,
+                                "training_s_per_iteration": 0.25, "generation_share": 0.75}))
+    run_report()
+    report = Path("reports/report.md").read_text()
+    assert "spent 0.75 s generating (sampling and scoring its rollout) and 0.25 s training" in report
+    assert "generation took 75% of the time" in report

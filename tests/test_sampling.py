@@ -117,3 +117,34 @@ def test_any_of_several_stop_tokens_ends_a_row():
 def test_bad_sampling_settings_are_refused_by_name(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(max_new_tokens=20, temperature=1.0),
+                                 SamplingConfig(max_new_tokens=20, temperature=0.0),
+                                 SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=8, repetition_penalty=1.3)])
+def test_checking_for_the_end_every_few_steps_changes_no_token_and_no_later_draw(cfg):
+    """What an accelerator does (one host sync every SYNC_EVERY steps) samples what a check every step samples,
+    and leaves the generator where a check every step leaves it: the next call draws the same."""
+    m = tiny_model()
+    greedy = generate(m, PROMPTS, SamplingConfig(max_new_tokens=20, temperature=0.0), stop_id=None, pad_id=0)
+    stops = {greedy[0][2], greedy[1][4], greedy[2][1]}  # every row stops early, at different steps
+    runs = {}
+    for every in (1, 3, 7):
+        g = torch.Generator().manual_seed(5)
+        first = [generate(m, PROMPTS, cfg, stop_id=stops, pad_id=0, generator=g, sync_every=every) for _ in range(4)]
+        runs[every] = first, torch.rand(3, generator=g).tolist()
+    assert runs[1] == runs[3] == runs[7]
+    assert any(len(row) < 20 for rows in runs[1][0] for row in rows)  # rows did stop before the budget
+
+
+def test_the_global_generator_is_rewound_too():
+    m = tiny_model()
+    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0)
+    stops = set(range(0, 61, 3))  # a third of the vocabulary ends a row: every row stops within a few steps
+    draws = []
+    for every in (1, 6):
+        torch.manual_seed(11)
+        out = generate(m, PROMPTS, cfg, stop_id=stops, pad_id=0, sync_every=every)
+        draws.append((out, torch.rand(2).tolist()))
+    assert draws[0] == draws[1]
+    assert all(len(row) < 20 for row in draws[0][0])

@@ -4,7 +4,10 @@ checkpoint `aligned`, with metrics naming the method and the policy updates it m
 The frozen reference that KL and DPO's implicit reward are measured against is passed to the method as a model
 to call: a second copy of the SFT checkpoint, or, when the policy trains LoRA adapters (`peft.stages` lists
 align), the policy itself with its adapters off (pipeline.model.lora.AdaptersOff), which is the SFT model
-without a second copy in memory. The methods call it the same way either way."""
+without a second copy in memory. The methods call it the same way either way.
+
+Every method trains under the configured strategy (`trainer`, `strategy`): each rank samples its share of the
+global rollout or preference batch, and global rank 0 saves the trained policy (gathered first when sharded)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -22,6 +25,18 @@ if TYPE_CHECKING:
     from pipeline.registry import StageSpec
 
 
+def iteration_times(rows: list[dict]) -> dict[str, float]:
+    """Mean seconds per iteration spent generating and training (online methods log both: time/...), and the
+    generation's share of the two."""
+    gen = [r["time/generation_s"] for r in rows if r.get("time/generation_s") is not None]
+    train = [r["time/training_s"] for r in rows if r.get("time/training_s") is not None]
+    if not gen or not train:
+        return {}
+    g, t = sum(gen) / len(gen), sum(train) / len(train)
+    return {"generation_s_per_iteration": round(g, 4), "training_s_per_iteration": round(t, 4),
+            "generation_share": round(g / max(g + t, 1e-9), 4)}
+
+
 def align(cfg: Config, spec: StageSpec) -> dict:
     method, acfg = methods.load(cfg)
     tok = load_tokenizer(cfg.tokenizer.special_tokens)
@@ -35,9 +50,11 @@ def align(cfg: Config, spec: StageSpec) -> dict:
         policy = lora.add_adapters(policy, cfg.peft)
         reference = lora.AdaptersOff(policy)
     updates = method.policy_updates(acfg)
-    curves, own = method.train(cfg, acfg, spec, policy, reference, tok)
+    curves, own, policy = method.train(cfg, acfg, spec, policy, reference, tok)
+    if policy is None:  # not global rank 0: that one saves the checkpoint and writes the metrics
+        return {}
     metrics = {"method": acfg.method, "policy_updates": updates, **own, **first_last(curves.train, method.SUMMARY),
-               **curves.totals}
+               **iteration_times(curves.train), **curves.totals}
     trained = {}
     if adapters:  # only then: the meta and metrics of full finetuning stay as they were
         metrics.update(lora.param_counts(policy))

@@ -5,6 +5,7 @@ its per-token log-probabilities come from pipeline.model.logprobs.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from pipeline.inference.sampling import SamplingConfig, generate
 from pipeline.inference.sequences import build_sequences
 from pipeline.model.gpt import GPT
 from pipeline.model.logprobs import response_logprobs
+from pipeline.training.parallel import global_mean, world_size
 
 
 class RolloutConfig(MethodConfig):
@@ -52,7 +54,15 @@ def sample_rollout(policy: GPT, tok, rows: list[dict], cfg: RolloutConfig, gener
 
 
 def minibatches(n: int, size: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
-    """`epochs` shuffled passes over range(n) in index chunks of `size`; the seed fixes every order."""
+    """`epochs` shuffled passes over range(n) in index chunks of `size`; the seed fixes every order.
+
+    Under data parallelism `n` is this rank's share of the rollout and `size` the global minibatch: each rank
+    takes size / world of its own rows per step, so one optimizer step sees `size` samples in all."""
+    world = world_size()
+    if size % world:
+        raise ValueError(f"the minibatch ({size} samples) does not split over {world} processes: make "
+                         f"align.minibatch_size a multiple of trainer.devices x trainer.num_nodes")
+    size //= world
     for epoch in range(epochs):
         yield from torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).split(size)
 
@@ -67,14 +77,29 @@ def manual_step(module, loss: torch.Tensor, grad_clip: float) -> None:
     sched.step()
 
 
+def clock(device: torch.device) -> float:
+    """Wall time once `device` has finished the work queued on it (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def log_times(module, started: float, sampled: float, done: float) -> None:
+    """Log one iteration's seconds spent generating (sampling and scoring the rollout) and training (its updates),
+    averaged over the ranks."""
+    module.log_dict({"time/generation_s": sampled - started, "time/training_s": done - sampled}, sync_dist=True)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Shift and scale the masked entries to mean 0, variance 1; the statistics are the whole rollout's, over
+    every rank."""
+    mean = global_mean(x, mask)
+    var = global_mean((x - mean) ** 2, mask)
     return ((x - mean) * torch.rsqrt(var + eps)) * mask
 
 

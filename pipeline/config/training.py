@@ -69,6 +69,9 @@ class OnPolicyConfig(Schema):
     """Samples per prompt."""
     temperature: Annotated[float, Field(gt=0)] = 1.0
     max_new_tokens: Count = 16
+    batch_size: Count = 256
+    """Draws sampled together; each batch has its own seed and goes to one device, so the pairs are the same
+    on any number of devices."""
 
 
 class RewardConfig(StepsConfig):
@@ -172,7 +175,53 @@ class ResumeConfig(Schema):
     every_n_iterations: Annotated[int, Field(ge=0)] = 10
     """The same for online RL (PPO, GRPO): rollout + update iterations."""
     mode: Literal["auto", "never", "force"] = "auto"
-    """auto: a rerun of the same config resumes | never: start over | force: resume despite a changed config."""
+    """auto: a rerun of the same config resumes a killed run | never: start over | force: resume a killed run
+    despite a changed config. A finished run (its outputs written) is resumed only through `ckpt_path`."""
+    keep: Count = 1
+    """Step checkpoints kept (the newest K, the finished run's final state among them)."""
+    ckpt_path: str | None = None
+    """null: as `mode` says | last: continue from the stage's newest checkpoint, a finished run's final state
+    included, under any config of the stage (not on changed inputs) | a path: continue from that checkpoint
+    (a kept step-N.ckpt, or any Lightning checkpoint of the stage)."""
+    requeue_signal: Literal["USR1", "USR2"] = "USR2"
+    """Under SLURM, the signal that asks for a checkpoint and a requeue (submitit sends USR2; an sbatch script
+    with `--signal=USR1@90` sends USR1)."""
+
+    @model_validator(mode="after")
+    def _ckpt_path(self):
+        if self.ckpt_path is not None and not self.ckpt_path.strip():
+            raise ValueError("@.ckpt_path is empty: set it to null, last, or the path of a checkpoint file "
+                             "(e.g. outputs/resume/sft/step-00000004.ckpt)")
+        if self.ckpt_path is not None and self.mode == "never":
+            raise ValueError(f"@.ckpt_path is {self.ckpt_path} but @.mode is never (start over): drop one of them")
+        return self
+
+    def checkpoint_file(self, stage: str, root=None):
+        """The checkpoint a path `ckpt_path` names, for training stage `stage`; None for null, `last`, or one that
+        records another stage (which `stage` leaves alone, so a multi-stage run applies it to its own stage).
+        FileNotFoundError / ValueError unless it exists and loads as plain tensors and data (weights_only)."""
+        from pathlib import Path
+
+        from pipeline import paths
+        if self.ckpt_path in (None, "last"):
+            return None
+        path, root = Path(self.ckpt_path), Path(root or paths.RESUME_ROOT)
+        kept = sorted(map(str, (root / stage).glob("step-*.ckpt")))
+        fix = (f"name one of {', '.join(kept)}, or " if kept else "") + \
+            "set resume.ckpt_path=last (the newest checkpoint) or null (start over, or resume as resume.mode says)"
+        if not path.exists():
+            raise FileNotFoundError(f"resume.ckpt_path: {path} does not exist: {fix}")
+        owner = path.parent.name if path.parent.parent == root else None
+        if path.is_file():  # a directory: DeepSpeed's sharded format, which DeepSpeed checks itself
+            import torch
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # an UnpicklingError for foreign objects, anything for a damaged file
+                raise ValueError(f"resume.ckpt_path: {path} does not load as plain tensors and data ({err}): "
+                                 f"{fix}") from None
+            # the stage pipeline.training.resume.ResumeCheckpoint records in every checkpoint it writes
+            owner = ckpt.get("callbacks", {}).get("ResumeCheckpoint", {}).get("stage", owner)
+        return path if owner in (None, stage) else None
 
 
 class LoggerConfig(Schema):

@@ -90,6 +90,34 @@ def rank_share(dataset) -> Sampler[int] | None:
     return torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
 
 
+class RankRows(Sampler[int]):
+    """One rank's validation rows: rank, rank + world, ..., padded with -1 to ceil(n / world) rows, so that every
+    rank runs as many batches (under DDP and FSDP a forward is a collective). `Weighted` gives a pad weight 0."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1) -> None:
+        self.rows = list(range(rank, n, world))
+        self.rows += [-1] * (-(-n // world) - len(self.rows))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+class Weighted(Dataset):
+    """`rows` as (row, weight 1.0); index -1 (RankRows' padding) as (the first row, weight 0.0)."""
+
+    def __init__(self, rows: list) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple:
+        return (self.rows[0], 0.0) if i < 0 else (self.rows[i], 1.0)
+
+
 class Resumable:
     """LightningDataModule mixin: Lightning's checkpoint records how far training got in the epoch
     (`state_dict`), and the train dataloader built after a resume skips those batches (`resume_at`)."""
@@ -295,10 +323,14 @@ class ChatData(HeldOutData):
 
 
 class PreferenceData(HeldOutData):
-    """Preference pairs; each batch stacks all chosen sequences, then all rejected ones."""
+    """Preference pairs; each batch stacks all chosen sequences, then all rejected ones.
+
+    `extra_rows`: more pairs, or a function of the trainer that makes them in `setup`, once the processes and
+    their devices exist (the on-policy pairs, sampled by every rank for its share: pipeline.training.reward).
+    """
 
     def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
-                 val_fraction: float, extra_rows: list[dict] | None = None) -> None:
+                 val_fraction: float, extra_rows: list[dict] | Callable[[L.Trainer], list[dict]] | None = None) -> None:
         super().__init__()
         self.data_dir, self.tok, self.block_size = data_dir, tok, block_size
         self.batch_size, self.seed, self.val_fraction = batch_size, seed, val_fraction
@@ -312,10 +344,22 @@ class PreferenceData(HeldOutData):
         return (chosen[:self.block_size], n_prompt), (rejected[:self.block_size], n_prompt)
 
     def setup(self, stage: str | None = None) -> None:
+        if callable(self.extra_rows):
+            self.extra_rows = self.extra_rows(self.trainer)
         rows = load_split(self.data_dir, "preference") + self.extra_rows
         self.train_rows, self.val_rows = split_holdout(rows, self.val_fraction, self.seed)
         self.train_set = [self.encode(r) for r in self.train_rows]
         self.val_set = [self.encode(r) for r in self.val_rows]
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out pairs, each rank its share; batches carry `weight` (B,), 0 for padding rows (RankRows), for
+        means over exactly the held-out pairs (Objective.accumulate)."""
+        rank, world = data_parallel()
+        return DataLoader(Weighted(self.val_set), batch_size=self.batch_size, sampler=RankRows(len(self.val_set),
+                          rank, world), collate_fn=self.collate_weighted)
+
+    def collate_weighted(self, items: list[tuple]) -> dict:
+        return {**self.collate([pair for pair, _ in items]), "weight": torch.tensor([w for _, w in items])}
 
     def collate(self, pairs: list) -> dict:
         items = [c for c, _ in pairs] + [r for _, r in pairs]
@@ -328,7 +372,10 @@ class PreferenceData(HeldOutData):
 
 
 class PromptData(Resumable, L.LightningDataModule):
-    """RL prompts drawn with replacement: `steps` batches of `batch_size` rows, one per RL iteration."""
+    """RL prompts drawn with replacement: `steps` global batches of `batch_size` rows, one per RL iteration.
+
+    `batch_size` is the global rollout batch: rank r of W takes rows [r * batch_size / W, (r + 1) * batch_size / W)
+    of each, so every drawn prompt is sampled by exactly one rank and the rollout does not depend on W."""
 
     def __init__(self, data_dir: Path, batch_size: int, steps: int, seed: int) -> None:
         super().__init__()
@@ -341,6 +388,10 @@ class PromptData(Resumable, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = data_parallel()
-        sampler = DrawSampler(len(self.rows), self.steps * self.batch_size * world, self.batch_size, self.seed,
-                              rank, world).start(*self.resume_at())
-        return DataLoader(self.rows, batch_size=self.batch_size, sampler=sampler, collate_fn=list)
+        if self.batch_size % world:
+            raise ValueError(f"align.rollout_batch ({self.batch_size}) does not split over {world} processes: make "
+                             "it a multiple of trainer.devices x trainer.num_nodes")
+        share = self.batch_size // world
+        sampler = DrawSampler(len(self.rows), self.steps * self.batch_size, share, self.seed, rank,
+                              world).start(*self.resume_at())
+        return DataLoader(self.rows, batch_size=share, sampler=sampler, collate_fn=list)

@@ -7,12 +7,14 @@ is judged by: did it beat SFT and the same-compute control on exact match, did i
 `evaluate.kl_bound`, and did the reward model's score rise while ground-truth accuracy fell (reward
 hacking)? Each checkpoint's row names the run that trained it (`run_id`, from its meta.json); the
 verdict's `run_id` is this evaluation's, its `method` the one the aligned checkpoint records.
+
+Every model (each checkpoint, the SFT reference for KL, the reward model) is scored on `trainer.accelerator`
+in `trainer.precision` (pipeline.inference.placement); with trainer.devices x trainer.num_nodes > 1 one
+process per device scores its share of the problems and rank 0's table is the one a single device gives.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-
-import torch
 
 from pipeline import paths
 from pipeline.config.evaluate import EvaluateConfig
@@ -20,6 +22,7 @@ from pipeline.config.identity import run_id
 from pipeline.data.splits import SPLIT_FILES, cot_trigger, load_split
 from pipeline.data.tokenizer import ChatTokenizer, load_tokenizer
 from pipeline.evaluation.metrics import PromptSet, evaluate_checkpoint
+from pipeline.inference.placement import launch
 from pipeline.inference.prompting import FewShotPool, PromptTemplates
 from pipeline.model.handoff import load_gpt, load_reward_model
 
@@ -83,20 +86,27 @@ def check_prompts(cfg: EvaluateConfig, tok: ChatTokenizer, block: int, rows: dic
 
 
 def evaluate(cfg: Config, spec: StageSpec) -> dict:
-    """Score every language-model checkpoint the stage reads; add the verdict."""
+    """Score every language-model checkpoint the stage reads; add the verdict. Under several processes every
+    rank returns the whole table (only rank 0's is written: pipeline.harness.runner)."""
     e = cfg.evaluate
     tok = load_tokenizer(cfg.tokenizer.special_tokens)
-    sft, _ = load_gpt(REFERENCE, tok.sha256)
-    prompts, hard = prompt_sets(e, tok, sft.config.block_size, cfg.seed)
-    reward_model = load_reward_model(sft.config, tok.sha256, spec.checkpoint("reward")).eval()
-    results: dict[str, dict] = {}
-    metas: dict[str, dict] = {}
-    for name in (n for n, kind in spec.reads.items() if kind == "gpt"):
-        model, metas[name] = load_gpt(name, tok.sha256)
-        torch.manual_seed(cfg.seed)
-        results[name] = evaluate_checkpoint(model, tok, prompts, hard, reward_model, sft, e, cfg.seed)
-        print(f"evaluate {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[name].items() if "/" not in k))
-        results[name]["run_id"] = metas[name].get("run_id")  # the run that trained it: its code and config
+    with launch(cfg.trainer) as (place, ranks):
+        sft = place.place(load_gpt(REFERENCE, tok.sha256)[0])
+        prompts, hard = prompt_sets(e, tok, sft.config.block_size, cfg.seed)
+        reward_model = place.place(load_reward_model(sft.config, tok.sha256, spec.checkpoint("reward")))
+        results: dict[str, dict] = {}
+        metas: dict[str, dict] = {}
+        for name in (n for n, kind in spec.reads.items() if kind == "gpt"):
+            model, metas[name] = load_gpt(name, tok.sha256)
+            with place.autocast():
+                results[name] = evaluate_checkpoint(place.place(model), tok, prompts, hard, reward_model, sft, e,
+                                                    cfg.seed, ranks)
+            del model  # one checkpoint on the device at a time (besides the reference and the reward model)
+            if ranks.rank == 0:
+                shown = (f"{k}={v:.4g}" for k, v in results[name].items() if "/" not in k)
+                print(f"evaluate {name}: " + ", ".join(shown))
+            results[name]["run_id"] = metas[name].get("run_id")  # the run that trained it: its code and config
     results["verdict"] = {**verdict(results, str(metas[ALIGNED].get("method")), e.kl_bound), "run_id": run_id(cfg)}
-    print("evaluate verdict: " + ", ".join(f"{k}={v}" for k, v in results["verdict"].items()))
+    if ranks.rank == 0:
+        print("evaluate verdict: " + ", ".join(f"{k}={v}" for k, v in results["verdict"].items()))
     return results

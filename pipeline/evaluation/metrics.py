@@ -11,13 +11,19 @@
   at every generated position the exact KL(checkpoint || SFT) over the whole vocabulary, summed over
   the response and averaged over prompts. `exact_match_sampled` checks those same samples.
 - reward_greedy: the reward-model score of the greedy answers.
+
+The problems are scored in chunks of `evaluate.batch_size` (one batch each), chunk i by rank
+i % world (pipeline.inference.placement), and every chunk's per-problem answers and scores are gathered
+back into problem order before any mean is taken, so the table does not depend on the number of
+processes. The sampled replies of chunk i draw from a generator seeded `chunk_seed(seed, i)`: what a
+chunk samples depends neither on the rank that samples it nor on the chunks before it.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +32,9 @@ from rich.progress import track
 from pipeline.config.evaluate import EvaluateConfig
 from pipeline.data.tasks import check, final_answer
 from pipeline.data.tokenizer import IGNORE_INDEX, ChatTokenizer
+from pipeline.inference.placement import Ranks
 from pipeline.inference.prompting import FewShotPool, PromptTemplates, few_shot_prompt
-from pipeline.inference.sampling import SamplingConfig, generate
+from pipeline.inference.sampling import SamplingConfig, chunk_seed, generate
 from pipeline.inference.sequences import build_sequences, response_positions
 from pipeline.model.gpt import GPT
 from pipeline.model.heads import ScalarHead
@@ -37,32 +44,17 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / max(len(xs), 1)
 
 
-def batches(rows: list, size: int) -> list[list]:
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
-
-
 @torch.no_grad()
-def answer_loss(model: GPT, tok: ChatTokenizer, rows: list[dict], batch_size: int) -> float:
-    total, count = 0.0, 0
-    for chunk in batches(rows, batch_size):
-        pairs = [tok.conversation(r["prompt"], r["answer"]) for r in chunk]
-        width = max(len(ids) for ids, _ in pairs) - 1
-        x = torch.tensor([ids[:-1] + [tok.pad_id] * (width - len(ids) + 1) for ids, _ in pairs])
-        y = torch.tensor([lab[1:] + [IGNORE_INDEX] * (width - len(lab) + 1) for _, lab in pairs])
-        logits = model(x.to(model.wte.weight.device)).float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1).to(logits.device),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-        total += float(loss)
-        count += int((y != IGNORE_INDEX).sum())
-    return total / max(count, 1)
-
-
-def respond(model: GPT, tok: ChatTokenizer, prompts: list[list[int]], batch_size: int, sampling: SamplingConfig,
-            generator: torch.Generator | None = None, label: str = "generating") -> list[list[int]]:
-    out: list[list[int]] = []
-    for chunk in track(batches(prompts, batch_size), description=label, transient=True):
-        out += generate(model, chunk, sampling, stop_id=tok.end_id, pad_id=tok.pad_id, generator=generator)
-    return out
+def answer_loss(model: GPT, tok: ChatTokenizer, rows: list[dict]) -> tuple[float, int]:
+    """The summed next-token loss of the rows' answers (+ end token), one batch, and the tokens it sums over."""
+    pairs = [tok.conversation(r["prompt"], r["answer"]) for r in rows]
+    width = max(len(ids) for ids, _ in pairs) - 1
+    x = torch.tensor([ids[:-1] + [tok.pad_id] * (width - len(ids) + 1) for ids, _ in pairs])
+    y = torch.tensor([lab[1:] + [IGNORE_INDEX] * (width - len(lab) + 1) for _, lab in pairs])
+    logits = model(x.to(model.wte.weight.device)).float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1).to(logits.device),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(loss), int((y != IGNORE_INDEX).sum())
 
 
 def exact_match(tok: ChatTokenizer, rows: list[dict], responses: list[list[int]],
@@ -101,69 +93,111 @@ class PromptSet:
 
 
 @torch.no_grad()
-def reward_scores(rm: ScalarHead, tok: ChatTokenizer, prompts: list[list[int]], responses: list[list[int]],
-                  batch_size: int) -> list[float]:
-    scores: list[float] = []
-    device = rm.head.weight.device
-    for i in range(0, len(prompts), batch_size):
-        resps = responses[i:i + batch_size]
-        seq, attn, mask, P = build_sequences(prompts[i:i + batch_size], resps, tok.pad_id, device)
-        scores += rm(seq, P + mask.sum(1).clamp(min=1) - 1, attn, response_mask=response_positions(mask, P)).tolist()
-    return scores
+def reward_scores(rm: ScalarHead, tok: ChatTokenizer, prompts: list[list[int]],
+                  responses: list[list[int]]) -> list[float]:
+    """The reward model's score of each (prompt, response), one batch."""
+    seq, attn, mask, P = build_sequences(prompts, responses, tok.pad_id, rm.head.weight.device)
+    last = P + mask.sum(1).clamp(min=1) - 1
+    return rm(seq, last, attn, response_mask=response_positions(mask, P)).float().tolist()
 
 
 @torch.no_grad()
 def kl_to_reference(model: GPT, reference: GPT, tok: ChatTokenizer, prompts: list[list[int]],
-                    responses: list[list[int]], batch_size: int) -> float:
-    total = 0.0
-    for i in range(0, len(prompts), batch_size):
-        seq, attn, mask, P = build_sequences(prompts[i:i + batch_size], responses[i:i + batch_size], tok.pad_id,
-                                             model.wte.weight.device)
-        logp = F.log_softmax(model(seq, attention_mask=attn)[:, P - 1:-1].float(), -1)
-        ref_logp = F.log_softmax(reference(seq, attention_mask=attn)[:, P - 1:-1].float(), -1)
-        kl = (logp.exp() * (logp - ref_logp)).sum(-1)
-        total += float((kl * mask).sum())
-    return total / max(len(prompts), 1)
+                    responses: list[list[int]]) -> list[float]:
+    """KL(model || reference) of each response: exact over the vocabulary at every position, summed; one batch."""
+    seq, attn, mask, P = build_sequences(prompts, responses, tok.pad_id, model.wte.weight.device)
+    logp = F.log_softmax(model(seq, attention_mask=attn)[:, P - 1:-1].float(), -1)
+    ref_logp = F.log_softmax(reference(seq, attention_mask=attn)[:, P - 1:-1].float(), -1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
+    return (kl * mask).sum(1).tolist()
 
 
-def prompting_rows(model: GPT, tok: ChatTokenizer, split: PromptSet, suffix: str, cfg: EvaluateConfig,
-                   zero_shot: list[list[int]] | None = None) -> dict[str, float]:
-    """Exact match zero-shot, few-shot and chain-of-thought on one split; keys end with `suffix`.
-    `zero_shot`: the greedy zero-shot responses when they are already at hand."""
+@dataclass
+class ChunkScores:
+    """One chunk of a split's problems as one rank scored it: per-problem replies and scores, in problem order."""
+
+    zero_shot: list[list[int]]      # greedy replies to each way of asking
+    few_shot: list[list[int]]
+    cot: list[list[int]]
+    loss: float = 0.0               # the eval split only: summed answer loss and the tokens it sums over,
+    tokens: int = 0
+    reward_greedy: list[float] = field(default_factory=list)   # the greedy zero-shot replies' reward,
+    samples: list[list[int]] = field(default_factory=list)     # and of the problems among the first
+    reward: list[float] = field(default_factory=list)          # `evaluate.samples`: a sampled reply,
+    kl: list[float] = field(default_factory=list)              # its reward and its KL to SFT
+
+
+@dataclass
+class Judges:
+    """What scores the eval split beyond exact match: the reward model and the SFT reference (for KL)."""
+
+    reward_model: ScalarHead
+    reference: GPT
+
+
+def score_chunk(model: GPT, tok: ChatTokenizer, split: PromptSet, chunk: int, cfg: EvaluateConfig,
+                judges: Judges | None, seed: int) -> ChunkScores:
+    """Problems [chunk * batch_size, (chunk + 1) * batch_size) of `split`: greedy replies asked three ways; with
+    `judges`, also the answer loss, the reward of the greedy replies and, for problems among the first
+    `cfg.samples`, a sampled reply with its reward and KL to the reference."""
+    lo, hi = chunk * cfg.batch_size, (chunk + 1) * cfg.batch_size
+    direct, worked = SamplingConfig(cfg.max_new_tokens, 0.0), SamplingConfig(cfg.cot_max_new_tokens, 0.0)
+
+    def ask(prompts: list[list[int]], sampling: SamplingConfig, generator: torch.Generator | None = None):
+        return generate(model, prompts, sampling, stop_id=tok.end_id, pad_id=tok.pad_id, generator=generator)
+
+    zero_shot = split.zero_shot[lo:hi]
+    out = ChunkScores(ask(zero_shot, direct), ask(split.few_shot[lo:hi], direct), ask(split.cot[lo:hi], worked))
+    if judges is None:
+        return out
+    out.loss, out.tokens = answer_loss(model, tok, split.rows[lo:hi])
+    out.reward_greedy = reward_scores(judges.reward_model, tok, zero_shot, out.zero_shot)
+    sampled = split.zero_shot[lo:min(hi, cfg.samples)]
+    if sampled:
+        g = torch.Generator(device=model.wte.weight.device).manual_seed(chunk_seed(seed, chunk))
+        out.samples = ask(sampled, SamplingConfig(cfg.max_new_tokens, 1.0), g)
+        out.reward = reward_scores(judges.reward_model, tok, sampled, out.samples)
+        out.kl = kl_to_reference(model, judges.reference, tok, sampled, out.samples)
+    return out
+
+
+def joined(chunks: list[ChunkScores], name: str) -> list:
+    return [x for c in chunks for x in getattr(c, name)]
+
+
+def prompting_rows(tok: ChatTokenizer, split: PromptSet, chunks: list[ChunkScores], suffix: str) -> dict[str, float]:
+    """Exact match zero-shot, few-shot and chain-of-thought on one split; keys end with `suffix`."""
     if not split.rows:
         return {f"exact_match{m}{suffix}": float("nan") for m in ("", "_fewshot", "_cot")}
-    direct = SamplingConfig(cfg.max_new_tokens, 0.0)
-    worked = SamplingConfig(cfg.cot_max_new_tokens, 0.0)
-    bs = cfg.batch_size
-    if zero_shot is None:
-        zero_shot = respond(model, tok, split.zero_shot, bs, direct)
     return {
-        f"exact_match{suffix}": exact_match(tok, split.rows, zero_shot)["exact_match"],
-        f"exact_match_fewshot{suffix}": exact_match(
-            tok, split.rows, respond(model, tok, split.few_shot, bs, direct, label="few-shot"))["exact_match"],
-        f"exact_match_cot{suffix}": exact_match(
-            tok, split.rows, respond(model, tok, split.cot, bs, worked, label="chain of thought"),
-            check_final)["exact_match"],
+        f"exact_match{suffix}": exact_match(tok, split.rows, joined(chunks, "zero_shot"))["exact_match"],
+        f"exact_match_fewshot{suffix}": exact_match(tok, split.rows, joined(chunks, "few_shot"))["exact_match"],
+        f"exact_match_cot{suffix}": exact_match(tok, split.rows, joined(chunks, "cot"), check_final)["exact_match"],
     }
 
 
 def evaluate_checkpoint(model: GPT, tok: ChatTokenizer, prompts: PromptSet, hard: PromptSet,
-                        reward_model: ScalarHead, sft: GPT, cfg: EvaluateConfig, seed: int) -> dict[str, float]:
-    bs, new = cfg.batch_size, cfg.max_new_tokens
-    rows = prompts.rows
-    loss = answer_loss(model, tok, rows, bs)
-    responses = respond(model, tok, prompts.zero_shot, bs, SamplingConfig(new, 0.0))
-    sample_rows, sample_prompts = rows[:cfg.samples], prompts.zero_shot[:cfg.samples]
-    g = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
-    samples = respond(model, tok, sample_prompts, bs, SamplingConfig(new, 1.0), g, "sampling")
+                        reward_model: ScalarHead, sft: GPT, cfg: EvaluateConfig, seed: int,
+                        ranks: Ranks = Ranks()) -> dict[str, float]:
+    """Every metric of `model` (module docstring); this rank scores its share of the chunks, and every rank
+    returns the metrics of all of them."""
+    n_eval = math.ceil(len(prompts.rows) / cfg.batch_size)
+    work = ([(prompts, c, Judges(reward_model, sft)) for c in range(n_eval)]
+            + [(hard, c, None) for c in range(math.ceil(len(hard.rows) / cfg.batch_size))])
+    mine = {i: score_chunk(model, tok, work[i][0], work[i][1], cfg, work[i][2], seed)
+            for i in track(ranks.mine(len(work)), description="evaluating", transient=True)}
+    gathered = {i: scores for share in ranks.gather(mine) for i, scores in share.items()}
+    chunks = [gathered[i] for i in range(len(work))]
+    ev, hd = chunks[:n_eval], chunks[n_eval:]
+    rows, responses, samples = prompts.rows, joined(ev, "zero_shot"), joined(ev, "samples")
+    loss = sum(c.loss for c in ev) / max(sum(c.tokens for c in ev), 1)
     out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), **exact_match(tok, rows, responses),
-           **prompting_rows(model, tok, prompts, "", cfg, zero_shot=responses),
-           **prompting_rows(model, tok, hard, "_hard", cfg),
+           **prompting_rows(tok, prompts, ev, ""), **prompting_rows(tok, hard, hd, "_hard"),
            "fewshot_shots": prompts.shots,
-           "exact_match_sampled": exact_match(tok, sample_rows, samples)["exact_match"],
-           "reward": mean(reward_scores(reward_model, tok, sample_prompts, samples, bs)),
-           "reward_greedy": mean(reward_scores(reward_model, tok, prompts.zero_shot, responses, bs)),
-           "kl_to_sft": kl_to_reference(model, sft, tok, sample_prompts, samples, bs),
+           "exact_match_sampled": exact_match(tok, rows[:len(samples)], samples)["exact_match"],
+           "reward": mean(joined(ev, "reward")),
+           "reward_greedy": mean(joined(ev, "reward_greedy")),
+           "kl_to_sft": mean(joined(ev, "kl")),
            "response_length": sum(len(tok.strip_response(r)) for r in responses) / max(len(responses), 1),
            "eos_rate": sum(tok.end_id in r for r in responses) / max(len(responses), 1)}
     return {k: round(float(v), 6) for k, v in out.items()}

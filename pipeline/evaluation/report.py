@@ -86,6 +86,16 @@ def stage_table(stages: dict[str, dict]) -> list[str]:
     return lines
 
 
+def iteration_lines(align: dict) -> list[str]:
+    """Where an online method's iterations spend their time (it logs time/generation_s and time/training_s)."""
+    if "generation_share" not in align:
+        return []
+    return [f"Each `{align.get('method', '')}` iteration spent {fmt(align['generation_s_per_iteration'])} s "
+            f"generating (sampling and scoring its rollout) and {fmt(align['training_s_per_iteration'])} s training "
+            f"on it: generation took {align['generation_share']:.0%} of the time (per iteration in W&B: "
+            "`time/generation_s`, `time/training_s`).", ""]
+
+
 def render(cfg: Config, stages: dict[str, dict], run: dict, figure_names: list[str] | tuple[str, ...] = ()) -> str:
     """The report's Markdown; `run` is the run identity (pipeline.config.identity.run_identity),
     `figure_names` the PNGs written to reports/figures/ (linked relatively)."""
@@ -109,6 +119,7 @@ def render(cfg: Config, stages: dict[str, dict], run: dict, figure_names: list[s
         "(pretraining every position, SFT the answer tokens its loss is on, reward model and DPO every "
         "position of the pair batches, PPO and GRPO the prompt and sampled tokens of each rollout); "
         "`tokens/s` divides them by the stage's whole wall time (loading and saving included).", "",
+        *iteration_lines(stages.get(ALIGN, {})),
     ]
     if figure_names:
         lines += ["## Figures", ""]

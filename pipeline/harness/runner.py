@@ -6,12 +6,13 @@ stage=<name>` (Hydra, single or multirun) and the tests. In order: the config is
 module's `check`), then its `run(cfg, spec)`, whose flat metrics get the wall time and the run id and go
 to `metrics/<name>.json`; last, the stage's W&B run is closed with its metrics and artifact lineage
 (pipeline.harness.tracking). A refused config or input stops the stage before any work, exit code 2; a
-NaN/inf loss stops training with the last good checkpoint kept, exit code 3.
+NaN/inf loss stops training with the last good checkpoint kept, exit code 3; SLURM's requeue signal stops it
+with a checkpoint committed and the job requeued, exit code 75 (pipeline.training.resume).
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from pipeline.config.root import Config, load_config
 from pipeline.dist import global_rank
 from pipeline.harness.tracking import close_stage_run
 from pipeline.io import write_json
-from pipeline.registry import Chain
+from pipeline.registry import Chain, StageSpec
 
 
 def setup_environment(cfg: Config) -> None:
@@ -56,6 +57,7 @@ def run_stage(chain: Chain, name: str, raw: Any) -> dict:
     stage = chain[name]
     setup_environment(cfg)  # before the stage imports datasets/wandb, which read it at import time
     stage.check(cfg)  # bad inputs stop the stage here, before any work or output
+    check_resume_path(cfg, stage.spec)
     start = time.time()
     try:
         metrics = stage.run(cfg)
@@ -66,22 +68,30 @@ def run_stage(chain: Chain, name: str, raw: Any) -> dict:
         metrics = {**metrics, "wall_time_s": round(time.time() - start, 2), "run_id": run_id(cfg)}
     if global_rank() == 0:  # under DDP/FSDP every rank runs the stage; one writes its metrics
         write_json(stage.spec.metrics_file, metrics)
-        forget_resume_state(name)
+        finish_resume_state(name)
         close_stage_run(chain, stage.spec, cfg, metrics)  # summary, artifacts and lineage
     return metrics
 
 
-def forget_resume_state(name: str) -> None:
-    """The stage's outputs are complete: its resume checkpoint (pipeline.training.resume) must not be reused."""
-    resume_dir = paths.resume_dir(name)
-    if resume_dir.is_dir():
-        shutil.rmtree(resume_dir)
+def check_resume_path(cfg: Config, spec: StageSpec) -> None:
+    """A training stage given `resume.ckpt_path=<a path>` stops here unless the file loads (as plain data)."""
+    if spec.trains:
+        cfg.resume.checkpoint_file(spec.name)
+
+
+def finish_resume_state(name: str) -> None:
+    """The stage's outputs are complete: its resume state is marked done, so that a plain rerun trains anew
+    instead of resuming the finished run (which `resume.ckpt_path=last` still continues)."""
+    state = paths.resume_dir(name) / "state.json"  # its fields: pipeline.training.resume
+    if state.is_file():
+        write_json(state, {**json.loads(state.read_text()), "done": True})
 
 
 @contextmanager
 def exit_codes(name: str) -> Iterator[None]:
     """A refused config or input: its message on stderr, exit code 2 (no traceback: the message names the fix).
-    A NaN/inf loss: exit code 3 (the last good resume checkpoint is kept)."""
+    A NaN/inf loss: exit code 3 (the last good resume checkpoint is kept). SLURM's requeue signal: exit code 75
+    (EX_TEMPFAIL; the checkpoint is committed and the job requeued: its rerun resumes)."""
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
@@ -90,6 +100,12 @@ def exit_codes(name: str) -> Iterator[None]:
     except FloatingPointError as err:
         print(f"error in stage {name!r}: {err}", file=sys.stderr)
         raise SystemExit(3) from None
+    except Exception as err:
+        resume = sys.modules.get("pipeline.training.resume")  # loaded by any stage that trained: no torch import here
+        if resume is None or not isinstance(err, resume.Requeued):
+            raise
+        print(f"stage {name!r} requeued: {err}", file=sys.stderr)
+        raise SystemExit(resume.REQUEUE_EXIT_CODE) from None
 
 
 def main(chain: Chain, name: str) -> None:

@@ -4,16 +4,20 @@ The conversation is rendered in the tokenizer's chat template (`render`: the pip
 <|assistant|> a1 <|end|> <|user|> q2 <|assistant|> ..., or an adopted checkpoint's own), each reply as the
 exact tokens sampled where the template is token-level, and the oldest turns are dropped when it would no
 longer fit the model's context.
-Replies stream token by token as they are sampled. `gpt-pipeline chat` and `generate` drive it.
+Replies stream token by token as they are sampled, on the model's device (the CLI places it on
+`trainer.accelerator` in `trainer.precision`: pipeline.inference.placement). `gpt-pipeline chat` and
+`generate` drive it.
 """
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
 
 from pipeline.data.tokenizer import ChatTokenizer
+from pipeline.inference.placement import Placement
 from pipeline.inference.sampling import SamplingConfig, generate
 from pipeline.model.gpt import GPT
 
@@ -26,9 +30,13 @@ HELP = "commands: /reset (forget the conversation), /temp T, /topk K, /topp P, /
 class Chat:
     """A conversation with one model: history in the chat template, streamed replies."""
 
-    def __init__(self, model: GPT, tok: ChatTokenizer, sampling: SamplingConfig, seed: int) -> None:
-        self.model, self.tok, self.sampling = model, tok, sampling
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, model: GPT, tok: ChatTokenizer, sampling: SamplingConfig, seed: int,
+                 placement: Placement | None = None) -> None:
+        """`placement`: where `model` was put (its autocast wraps every reply). The sampler's generator is made
+        on the model's device at the first reply."""
+        self.model, self.tok, self.sampling, self.seed = model, tok, sampling, seed
+        self.autocast = placement.autocast if placement is not None else nullcontext
+        self.generator: torch.Generator | None = None
         self.turns: list[tuple[list[int], list[int]]] = []  # (user ids, reply ids incl. end)
 
     def context(self, question: str) -> list[int]:
@@ -67,8 +75,11 @@ class Chat:
                 out.flush()
                 shown = text
 
-        response = generate(self.model, [self.context(question)], self.sampling, stop_id=self.tok.end_id,
-                            pad_id=self.tok.pad_id, generator=self.generator, on_step=stream)[0]
+        if self.generator is None:
+            self.generator = torch.Generator(device=self.model.wte.weight.device).manual_seed(self.seed)
+        with self.autocast():
+            response = generate(self.model, [self.context(question)], self.sampling, stop_id=self.tok.end_id,
+                                pad_id=self.tok.pad_id, generator=self.generator, on_step=stream)[0]
         text = self.tok.decode(self.tok.strip_response(response))
         out.write(text[len(shown):] + "\n")
         out.flush()

@@ -8,6 +8,12 @@ Each step feeds one token per row and reuses the cached keys/values of everythin
 Per step the logits go through, in order: repetition penalty (every token already in the row, prompt
 included, CTRL-style: positive logits divided by the penalty, negative ones multiplied), temperature,
 top-k, top-p; temperature 0 takes the argmax of the penalised logits.
+
+Whether every row has stopped is a host sync; on an accelerator it is asked every `SYNC_EVERY` steps
+(on a CPU, or when streaming with `on_step`, which reads every step anyway, every step), so the host can
+queue steps ahead of the device. The steps run past the last stop only write padding, and the random
+generator is rewound to where a check every step would have left it: the tokens, and the generator's
+state for the next call, are those of a check every step.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.model.gpt import GPT
+
+SYNC_EVERY = 8  # steps between "has every row stopped?" checks on an accelerator
 
 
 @dataclass
@@ -36,6 +44,12 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive (1 = off), got {self.repetition_penalty}")
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of the generator that samples chunk `chunk` of a fixed list of prompts: its samples do not
+    depend on which device draws it, or after which chunks (evaluate, on-policy pairs)."""
+    return (seed * 1_000_003 + chunk) % 2**63
 
 
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -72,14 +86,25 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str) 
     return ids.to(device), mask.to(device)
 
 
+def default_generator(device: torch.device) -> torch.Generator | None:
+    """The generator `torch.multinomial(..., generator=None)` draws from on `device` (None: not reachable)."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return None
+
+
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_id: int | Collection[int] | None,
              pad_id: int, use_cache: bool = True, generator: torch.Generator | None = None,
-             on_step: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+             on_step: Callable[[list[int]], None] | None = None, sync_every: int | None = None) -> list[list[int]]:
     """Sample a continuation for each prompt; each stops after emitting a stop token (`stop_id`: one id
     or several; the stop token is kept) or at max_new_tokens.
 
     `on_step`, if given, receives each step's new token of every row (pad for finished rows): streaming.
+    `sync_every`: steps between checks that every row has stopped (default: see the module docstring);
+    it changes no token.
     """
     if not prompts:
         return []
@@ -100,6 +125,15 @@ def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_
     if cfg.repetition_penalty != 1.0:
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, mask)
+    sampling = cfg.temperature > 0
+    rng = (generator if generator is not None else default_generator(device)) if sampling else None
+    if sync_every is None:
+        sync_every = 1 if device.type == "cpu" or on_step is not None else SYNC_EVERY
+    if sampling and rng is None:
+        sync_every = 1  # a generator that cannot be rewound: stop exactly where a check every step would
+    rewind = sampling and sync_every > 1
+    states: list[torch.Tensor] = []  # the generator's state after each step since the last check
+    stop_step = torch.full((B,), -1, dtype=torch.long, device=device)  # the step each row stopped at
     step_ids, step_mask = ids, mask
     for t in range(budget):
         if use_cache:
@@ -113,6 +147,8 @@ def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_
         else:
             logits = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+            if rewind:
+                states.append(rng.get_state())
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out[:, t] = nxt
         if on_step is not None:
@@ -120,11 +156,18 @@ def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, stop_
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] |= ~done
         stopped = torch.isin(nxt, stops) & ~done
+        if rewind:
+            stop_step.masked_fill_(stopped, t)
         step_ids, step_mask = nxt[:, None], ~done[:, None]
         done |= stopped
         ids, mask = torch.cat([ids, step_ids], 1), torch.cat([mask, step_mask], 1)
+        if (t + 1) % sync_every and t + 1 < budget:
+            continue
         if done.all():
+            if rewind:  # back to the state after the step the last row stopped at
+                rng.set_state(states[int(stop_step.max()) - (t + 1 - len(states))])
             break
+        states.clear()
     model.train(was_training)
     stop_set = set(stops.tolist())
     results = []

@@ -216,7 +216,13 @@ class GPT(nn.Module):
 
         attention_mask: (B, T) bool/0-1, False on left padding. position_ids: (B, T); by default
         counted from the first real token of each row (so padding does not shift positions).
+        Under FSDP2 this is an entry point of its own (`register_fsdp_forward_method`), so `forward` calls
+        `_hidden`: a nested entry would reshard the weights before the LM head reads them.
         """
+        return self._hidden(idx, attention_mask=attention_mask, position_ids=position_ids, kv_cache=kv_cache)
+
+    def _hidden(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -256,7 +262,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden(idx, **kwargs))
+        return self.lm_head(self._hidden(idx, **kwargs))
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         cfg = self.config

@@ -28,13 +28,21 @@ class ScalarHead(nn.Module):
     def __init__(self, backbone: GPT, likelihood_term: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
+        if backbone.lm_head.weight is not backbone.wte.weight:  # untied: the score never reads the LM head, and a
+            backbone.lm_head.requires_grad_(False)               # trainable parameter without a gradient stalls DDP
         self.head = nn.Linear(backbone.config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.n_embd + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
         self.likelihood_term = likelihood_term
         if likelihood_term:  # a critic has neither: an unused parameter would trouble DDP
-            self.lm_scale = nn.Parameter(torch.ones(()))
+            self.lm_scale = nn.Parameter(torch.ones(1))  # 1-D: FSDP2 cannot shard a 0-d parameter
             self.frozen_lm = copy.deepcopy(backbone).requires_grad_(False).eval()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "lm_scale"
+        if key in state_dict and state_dict[key].dim() == 0:  # a checkpoint from before lm_scale was 1-D
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def drop_likelihood_term(self) -> ScalarHead:
         """Keep only backbone + head (a PPO critic starts from the reward model this way)."""

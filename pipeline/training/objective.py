@@ -13,8 +13,11 @@ import lightning as L
 import torch
 
 from pipeline.config.training import OptimConfig
+from pipeline.dist import data_parallel
 from pipeline.model.gpt import GPT
+from pipeline.model.heads import ScalarHead
 from pipeline.training.hardware import peak_flops
+from pipeline.training.parallel import all_sum, gather_objects
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -54,21 +57,45 @@ class Objective(L.LightningModule):
         """True once a training loss was NaN/inf; read (one sync) by pipeline.training.resume.check_finite."""
         self.generator: torch.Generator | None = None  # online RL samples from it (make_generator)
         self._restored: dict = {}
+        self._sums: dict[str, tuple] = {}  # validation means being accumulated (accumulate)
+
+    def accumulate(self, prefix: str, values: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
+        """Add a validation batch's per-row `values` ({name: (B,)}) with row weights (0 for a rank's padding rows)
+        to the means `on_validation_epoch_end` logs as `<prefix>/<name>`."""
+        for name, v in values.items():
+            total, count = self._sums.get(f"{prefix}/{name}", (0.0, 0.0))
+            self._sums[f"{prefix}/{name}"] = (total + (v.detach().float() * weight).sum(), count + weight.sum())
+
+    def on_validation_epoch_end(self) -> None:
+        """Log each accumulated mean over every rank's rows: sums and weights are reduced, not per-rank means, so a
+        validation split over ranks gives one device's numbers."""
+        for key, (total, count) in sorted(self._sums.items()):  # the same keys, in the same order, on every rank
+            self.log(key, all_sum(total) / all_sum(count).clamp(min=1e-12))
+        self._sums = {}
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss.detach())  # stays on the device: no sync per step
         self.nonfinite_loss = bad if self.nonfinite_loss is None else self.nonfinite_loss | bad
 
     def make_generator(self, seed: int) -> torch.Generator:
-        """The sampling generator, seeded; on resume, at the state the checkpoint recorded."""
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        if self._restored.get("generator") is not None:
-            g.set_state(self._restored.pop("generator"))
+        """This rank's sampling generator, seeded with seed + rank (every rank samples its own share); on resume,
+        at the state the checkpoint recorded for this rank."""
+        rank, world = data_parallel()
+        g = torch.Generator(device=self.device).manual_seed(seed + rank)
+        states = self._restored.pop("generators", None)
+        state = states[rank] if states and len(states) == world else self._restored.get("generator")
+        self._restored.pop("generator", None)
+        if state is not None:
+            g.set_state(state)
         return g
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["objective"] = {"tokens_trained": int(self.tokens_trained),
-                                   "generator": self.generator.get_state() if self.generator is not None else None}
+        """Every rank makes this call (Lightning dumps the checkpoint on all of them, rank 0 writes it): the
+        generators of all ranks are gathered into it."""
+        state = self.generator.get_state() if self.generator is not None else None
+        checkpoint["objective"] = {"tokens_trained": int(self.tokens_trained), "generator": state}
+        if data_parallel()[1] > 1 and state is not None:
+            checkpoint["objective"]["generators"] = gather_objects(state)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._restored = dict(checkpoint.get("objective") or {})
@@ -83,10 +110,10 @@ class Objective(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under strategy=fsdp2 (Lightning's ModelParallelStrategy): shard every transformer block, then
-        each GPT, then this module, over the data-parallel mesh (FSDP2 `fully_shard`)."""
+        each GPT and each scalar head, then this module, over the data-parallel mesh (FSDP2 `fully_shard`)."""
         if not self.fsdp2 or self.device_mesh is None or self.fsdp2.get("applied"):
             return  # Lightning calls this hook again for trainer.validate after fit
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = self.device_mesh["data_parallel"]
         reshard = self.fsdp2["reshard_after_forward"]
@@ -96,6 +123,10 @@ class Objective(L.LightningModule):
                     block.compile(mode=self.fsdp2["compile_mode"])
                 fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
             fully_shard(gpt, mesh=mesh, reshard_after_forward=reshard)
+            register_fsdp_forward_method(gpt, "hidden")  # reward heads and critics call it, not forward
+        for head in [m for m in self.modules() if isinstance(m, ScalarHead)]:  # its own group: the root's
+            fully_shard(head, mesh=mesh, reshard_after_forward=reshard)        # forward is never called
+            register_fsdp_forward_method(head, "per_token")
         fully_shard(self, mesh=mesh, reshard_after_forward=reshard)
         self.fsdp2["applied"] = True
 

@@ -16,6 +16,7 @@ checkpoint holds them merged (pipeline.model.lora).
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import lightning as L
@@ -29,12 +30,13 @@ from pipeline.data.datamodules import PreferenceData
 from pipeline.data.splits import load_split
 from pipeline.data.tasks import check
 from pipeline.data.tokenizer import ChatTokenizer, load_tokenizer
-from pipeline.inference.sampling import SamplingConfig, generate
+from pipeline.inference.sampling import SamplingConfig, chunk_seed, generate
 from pipeline.model import lora
 from pipeline.model.gpt import GPT
 from pipeline.model.handoff import checkpoint_meta, load_gpt, save_checkpoint
 from pipeline.model.heads import ScalarHead
 from pipeline.training.objective import Objective
+from pipeline.training.parallel import gather_shares, shares, trained_module
 from pipeline.training.trainer import fit
 
 if TYPE_CHECKING:
@@ -62,45 +64,66 @@ class RewardModeling(Objective):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         stats = self._stats(batch)
-        for k, v in stats.items():
-            self.log(f"train/{k}", v, prog_bar=k in ("loss", "accuracy"))
+        for k, v in stats.items():  # every rank's batch holds as many pairs: the mean over ranks is the batch's
+            self.log(f"train/{k}", v, prog_bar=k in ("loss", "accuracy"), sync_dist=True)
         self.log_throughput(batch["input_ids"].numel(), batch_idx)
         return stats["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        for k, v in self._stats(batch).items():
-            self.log(f"val/{k}", v, prog_bar=k == "accuracy")
+        r = self.model(batch["input_ids"], batch["last"], response_mask=batch["response_mask"])
+        n = r.size(0) // 2
+        margin = r[:n] - r[n:]
+        self.accumulate("val", {"loss": -F.logsigmoid(margin), "accuracy": (margin > 0).float(), "margin": margin,
+                                "mean_reward": (r[:n] + r[n:]) / 2}, batch["weight"])
 
 
 @torch.no_grad()
 def on_policy_pairs(policy: GPT, tok: ChatTokenizer, rows: list[dict], samples: int, max_new_tokens: int,
                     temperature: float, seed: int, batch_size: int = 256) -> list[dict]:
-    """Preference rows (chosen = reference answer, rejected = a wrong sample of `policy`), one per distinct error."""
-    g = torch.Generator(device=policy.wte.weight.device).manual_seed(seed)
+    """Preference rows (chosen = reference answer, rejected = a wrong sample of `policy`), one per distinct error.
+
+    The `samples` x `rows` draws are cut into chunks of `batch_size`, each sampled with its own seed
+    (`chunk_seed`) by one rank (pipeline.training.parallel.shares) on the policy's device; every rank gets the
+    rows of all chunks, in chunk order, so the pairs are the same on any number of devices."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     repeated = [r for r in rows for _ in range(samples)]
-    out, seen = [], set()
-    for i in track(range(0, len(repeated), batch_size), description="sampling on-policy pairs", transient=True):
-        chunk = repeated[i:i + batch_size]
-        responses = generate(policy, [tok.prompt(r["prompt"]) for r in chunk], cfg, stop_id=tok.end_id,
+    starts = range(0, len(repeated), batch_size)
+    device = policy.wte.weight.device
+    mine: dict[int, list[tuple[str, bool]]] = {}
+    for chunk in track(shares(len(starts)), description="sampling on-policy pairs", transient=True):
+        rows_in = repeated[starts[chunk]:starts[chunk] + batch_size]
+        g = torch.Generator(device=device).manual_seed(chunk_seed(seed, chunk))
+        responses = generate(policy, [tok.prompt(r["prompt"]) for r in rows_in], cfg, stop_id=tok.end_id,
                              pad_id=tok.pad_id, generator=g)
-        for row, resp in zip(chunk, responses):
-            text = tok.decode(tok.strip_response(resp))
-            ended = tok.end_id in resp
-            if (ended and check(row["answer"], text)) or (row["key"], text, ended) in seen:
-                continue
-            seen.add((row["key"], text, ended))
-            out.append({"prompt": row["prompt"], "chosen": row["answer"], "rejected": text, "rejected_has_end": ended,
-                        "corruption": "on_policy", "family": row["family"], "key": row["key"]})
+        mine[chunk] = [(tok.decode(tok.strip_response(resp)), tok.end_id in resp) for resp in responses]
+    out, seen = [], set()
+    for row, (text, ended) in zip(repeated, (s for chunk in gather_shares(mine, len(starts)) for s in chunk)):
+        if (ended and check(row["answer"], text)) or (row["key"], text, ended) in seen:
+            continue
+        seen.add((row["key"], text, ended))
+        out.append({"prompt": row["prompt"], "chosen": row["answer"], "rejected": text, "rejected_has_end": ended,
+                    "corruption": "on_policy", "family": row["family"], "key": row["key"]})
     return out
 
 
-def sample_on_policy(policy: GPT, tok: ChatTokenizer, cfg: OnPolicyConfig, seed: int) -> list[dict]:
-    """`on_policy_pairs` from the first `cfg.prompts` RL prompts (none when it is 0)."""
+def sample_on_policy(policy: GPT, tok: ChatTokenizer, cfg: OnPolicyConfig, seed: int,
+                     trainer: L.Trainer | None = None) -> list[dict]:
+    """`on_policy_pairs` from the first `cfg.prompts` RL prompts (none when it is 0). With `trainer` (called from
+    the datamodule's setup), on its device, in its precision, each rank sampling its share."""
     if not cfg.prompts:
         return []
     rows = load_split(paths.PREPARED, "rl_prompts")[:cfg.prompts]
-    return on_policy_pairs(policy.eval(), tok, rows, cfg.samples, cfg.max_new_tokens, cfg.temperature, seed)
+    was_training = policy.training
+    context = nullcontext()
+    if trainer is not None:
+        policy.to(trainer.strategy.root_device)
+        trainer.precision_plugin.convert_module(policy)  # bf16-true weights as training will have them
+        context = trainer.precision_plugin.forward_context()
+    with context:
+        pairs = on_policy_pairs(policy.eval(), tok, rows, cfg.samples, cfg.max_new_tokens, cfg.temperature, seed,
+                                cfg.batch_size)
+    policy.train(was_training)
+    return pairs
 
 
 def on_policy_splits(cfg: OnPolicyConfig) -> tuple[str, ...]:
@@ -126,33 +149,49 @@ def accuracy_by_corruption(model: ScalarHead, data: PreferenceData) -> dict[str,
 
 
 def train_reward_model(cfg: Config, spec: StageSpec) -> dict:
-    """The stage's `gpt` checkpoint plus a scalar head, trained on preference pairs; saved as its checkpoint."""
+    """The stage's `gpt` checkpoint plus a scalar head, trained on preference pairs under the configured strategy;
+    saved as its checkpoint by global rank 0, which also scores the held-out pairs (the other ranks return {})."""
     r = cfg.reward
     tok = load_tokenizer(cfg.tokenizer.special_tokens)
     backbone, _ = load_gpt(spec.checkpoint("gpt"), tok.sha256)
     L.seed_everything(cfg.seed, verbose=False)
-    extra = sample_on_policy(backbone, tok, r.on_policy, cfg.seed)
-    model = ScalarHead(backbone.train(), likelihood_term=r.likelihood_term)
     adapters = lora.applies(cfg.peft, spec.name)
-    if adapters:  # LoRA on the backbone only: the head (and lm_scale) train whole, the likelihood copy stays frozen
-        model.backbone = lora.add_adapters(model.backbone, cfg.peft)
+
+    def reward_model(gpt: GPT) -> ScalarHead:
+        model = ScalarHead(gpt.train(), likelihood_term=r.likelihood_term)
+        if adapters:  # LoRA on the backbone only: the head (and lm_scale) train whole, the likelihood copy frozen
+            model.backbone = lora.add_adapters(model.backbone, cfg.peft)
+        return model
+
+    def rebuild(state: dict[str, torch.Tensor]) -> ScalarHead:  # the gathered weights of a sharded run
+        model = reward_model(GPT(backbone.config))
+        model.load_state_dict(state)
+        return model
+
+    model = reward_model(backbone)  # with adapters, `backbone` holds them too: zero at the start, as sampled
     data = PreferenceData(paths.PREPARED, tok, backbone.config.block_size, r.batch_size, cfg.seed, r.val_fraction,
-                          extra)
+                          lambda trainer: sample_on_policy(backbone, tok, r.on_policy, cfg.seed, trainer))
     module = RewardModeling(model, r.optim, r.max_steps)
-    _, curves, final = fit(module, data, cfg, spec, max_steps=r.max_steps, val_every=r.val_every,
-                           val_batches=r.val_batches, grad_clip=r.grad_clip, single_device=True)
+    trainer, curves, final = fit(module, data, cfg, spec, max_steps=r.max_steps, val_every=r.val_every,
+                                 val_batches=r.val_batches, grad_clip=r.grad_clip)
+    model = trained_module(trainer, module, "model", rebuild)
+    if model is None:
+        return {}
+    with trainer.precision_plugin.forward_context():
+        held_out = accuracy_by_corruption(model.to(trainer.strategy.root_device), data)
+    model.cpu()
     metrics = {"margin": final["val/margin"],
                "mean_reward": final["val/mean_reward"], "val_loss": final["val/loss"],
                "train_loss": curves.train[-1]["train/loss"], "held_out_pairs": len(data.val_rows),
-               "on_policy_pairs": len(extra),
+               "on_policy_pairs": len(data.extra_rows),
                "lm_scale": model.lm_scale.item() if model.likelihood_term else 0.0,
-               **accuracy_by_corruption(model, data), **curves.totals}
+               **held_out, **curves.totals}
     trained = {}
     if adapters:  # only then: the meta and metrics of full finetuning stay as they were
         metrics.update(lora.param_counts(model))
         trained = lora.adapter_meta(cfg.peft, model)
-        model.backbone = backbone = lora.merge(model.backbone)  # a plain reward model, as PPO loads it
-    save_checkpoint(spec.writes[0].name, model, checkpoint_meta(cfg, tok, backbone, "reward", step=r.max_steps,
-                                                               likelihood_term=r.likelihood_term, metrics=metrics,
-                                                               **trained))
+        model.backbone = lora.merge(model.backbone)  # a plain reward model, as PPO loads it
+    save_checkpoint(spec.writes[0].name, model, checkpoint_meta(cfg, tok, model.backbone, "reward",
+                                                               step=r.max_steps, likelihood_term=r.likelihood_term,
+                                                               metrics=metrics, **trained))
     return metrics

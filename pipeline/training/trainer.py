@@ -7,6 +7,7 @@ edit. Each stage passes its own step budget and validation cadence.
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import lightning as L
@@ -19,7 +20,7 @@ from pipeline.model.handoff import checkpoint_meta, save_checkpoint
 from pipeline.model.lora import is_adapted, merged_gpt
 from pipeline.training.curves import CurveRecorder
 from pipeline.training.loggers import build_logger
-from pipeline.training.resume import ResumeCheckpoint, ResumeState
+from pipeline.training.resume import RequeueSignal, ResumeCheckpoint, ResumeState
 
 if TYPE_CHECKING:
     from pipeline.config.root import Config
@@ -58,12 +59,10 @@ def build_trainer(cfg: Config, stage: str, *, max_steps: int = -1, max_epochs: i
                   val_every: int | None = None, val_batches: int | float = 1.0,
                   grad_clip: float | None = None, accumulate: int = 1, log_every: int | None = None,
                   callbacks: list[Callback] | None = None, global_batch_tokens: int | None = None,
-                  micro_batch_tokens: int | None = None, single_device: bool = False,
-                  run_id: str | None = None) -> L.Trainer:
-    """A Trainer for `stage`. With `global_batch_tokens`, gradient accumulation is derived from it:
-    global tokens = micro_batch_tokens x world size x accumulate, and must divide exactly.
-    `single_device` ignores `strategy`, `devices` and `num_nodes`: for stages that score, sample or
-    save outside Lightning's loop (reward, align), which would otherwise run once per rank."""
+                  micro_batch_tokens: int | None = None, run_id: str | None = None) -> L.Trainer:
+    """A Trainer for `stage` on the configured accelerator, devices, nodes and strategy (every training stage,
+    the RLHF ones included). With `global_batch_tokens`, gradient accumulation is derived from it:
+    global tokens = micro_batch_tokens x world size x accumulate, and must divide exactly."""
     t = cfg.trainer
     log_every = log_every or t.log_every_n_steps
     callbacks = list(callbacks or [])
@@ -71,10 +70,9 @@ def build_trainer(cfg: Config, stage: str, *, max_steps: int = -1, max_epochs: i
     if show_bar:  # redrawn on logging steps only: the default redraws (and reads the loss) every step
         from lightning.pytorch.callbacks import RichProgressBar
         callbacks.append(RichProgressBar(refresh_rate=log_every))
-    trainer = L.Trainer(
-        accelerator=t.accelerator, devices=1 if single_device else t.devices,
-        num_nodes=1 if single_device else t.num_nodes, precision=t.precision,
-        strategy="auto" if single_device else build_strategy(cfg), max_steps=max_steps, max_epochs=max_epochs,
+    trainer = L.Trainer(plugins=cluster_plugins() or None,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+        strategy=build_strategy(cfg), max_steps=max_steps, max_epochs=max_epochs,
         val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1,
         limit_val_batches=val_batches, num_sanity_val_steps=0,
         gradient_clip_val=grad_clip, accumulate_grad_batches=accumulate,
@@ -90,6 +88,21 @@ def build_trainer(cfg: Config, stage: str, *, max_steps: int = -1, max_epochs: i
         trainer.accumulate_grad_batches = accumulation_steps(global_batch_tokens, micro_batch_tokens,
                                                              trainer.world_size)
     return trainer
+
+
+def under_slurm() -> bool:
+    """Lightning's own test: a SLURM job with tasks (srun), not an interactive one (job name bash/interactive)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    return SLURMEnvironment.detect()
+
+
+def cluster_plugins() -> list:
+    """Under SLURM, its environment with Lightning's requeue off: its handler would save an hpc checkpoint of its
+    own inside the signal handler and restore from it behind resume's back; RequeueSignal does it instead."""
+    if not under_slurm():
+        return []
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    return [SLURMEnvironment(auto_requeue=False)]
 
 
 def accumulation_steps(global_batch_tokens: int, micro_batch_tokens: int | None, world_size: int) -> int:
@@ -147,28 +160,34 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: Confi
         validate: bool = True, **trainer_kwargs) -> tuple[L.Trainer, CurveRecorder, dict[str, float]]:
     """Train `module` on `datamodule`, validate once more at the end, write curves.
 
-    Checkpoints every `resume.every_n_steps` into `outputs/resume/<stage>/` and, when a killed run of
-    the same config left one there, resumes from it (pipeline.training.resume); the runner removes it once
-    the stage has written its outputs, and finishes the stage's W&B run (pipeline.harness.tracking). Returns the
-    trainer, the recorded curves and the final validation metrics ({} if `validate` is off).
+    Checkpoints every `resume.every_n_steps`, at the last step and on SLURM's requeue signal into
+    `outputs/resume/<stage>/` (pipeline.training.resume); resumes a killed run of the same config from there,
+    or continues from `resume.ckpt_path`. A run continued from a finished one's final state carries on its
+    curves and token count. The runner marks the state done once the stage has written its outputs, and
+    finishes the stage's W&B run (pipeline.harness.tracking). Returns the trainer, the recorded curves and the
+    final validation metrics ({} if `validate` is off). Raises resume.Requeued after a requeue.
     """
     stage = spec.name
     resume = ResumeState(cfg, spec)
     curves = CurveRecorder(stage)
-    trainer = build_trainer(cfg, stage, callbacks=[curves, ResumeCheckpoint(resume)], run_id=resume.wandb_id,
-                            **trainer_kwargs)
+    requeue = RequeueSignal(resume) if under_slurm() else None
+    trainer = build_trainer(cfg, stage, callbacks=[curves, ResumeCheckpoint(resume, requeue)],
+                            run_id=resume.wandb_id, **trainer_kwargs)
     if trainer.is_global_zero:
         resume.write_state()
         print(resume.describe(), file=sys.stderr, flush=True)
-    if cfg.strategy.name == "fsdp2" and not trainer_kwargs.get("single_device"):
+    if cfg.strategy.name == "fsdp2":
         module.fsdp2 = {"compile": cfg.trainer.compile, "compile_mode": cfg.trainer.compile_mode,
                         "reshard_after_forward": cfg.strategy.reshard_after_forward}
     module.peak_tflops = cfg.trainer.peak_tflops
     final: dict[str, float] = {}
     status = "failed"
     try:
-        # weights_only: the checkpoint holds tensors, numbers and strings only (no pickled objects)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path, weights_only=True)
+        with requeue or nullcontext():  # the signal handler lives while Lightning trains
+            # weights_only: the checkpoint holds tensors, numbers and strings only (no pickled objects)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path, weights_only=True)
+        if resume.resuming and not curves.totals:  # resumed at its last step: Lightning ran no loop, no on_train_end
+            curves.on_train_end(trainer, module)
         if validate:
             final = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
         status = "success"

@@ -8,9 +8,12 @@ A method module holds everything about the method, so adding one touches that .p
 - `policy_updates(cfg)`: the optimizer steps it gives the policy (what sft_control matches);
 - `SUMMARY`: the logged keys whose first and last quarter of the run its metrics report;
 - its objective (a LightningModule) and `train(cfg, method_cfg, spec, policy, reference, tok)`, which
-  fits it and returns (the curves, its own metrics). `reference` is the frozen SFT model as a module to
-  call: a second copy, or the policy with its LoRA adapters off (pipeline.alignment.align); the policy may
-  be a GPT with adapters (pipeline.model.lora), whose trainable parameters are the adapters only.
+  fits it under the configured strategy and returns (the curves, its own metrics, the trained policy as one
+  plain module on global rank 0 and None on the other ranks: `pipeline.training.parallel.trained_module`).
+  `reference` is the frozen SFT model as a module to call: a second copy, or the policy with its LoRA
+  adapters off (pipeline.alignment.align); the policy may be a GPT with adapters (pipeline.model.lora), whose
+  trainable parameters are the adapters only. Under data parallelism each rank gets its share of every
+  global batch; token means over a batch split across ranks use `pipeline.training.parallel.token_mean`.
 
 Methods are found by module name (`load`), not registered in a list: the module name is the method's
 name and the YAML's `method`. Method modules import Lightning, so only the stages that align (and the
@@ -55,6 +58,22 @@ def load(cfg: Config) -> tuple[ModuleType, MethodConfig]:
             raise ConfigError(f"align.{field} ({budget}) leaves no room for a prompt in model.block_size ({block}): "
                               f"lower align.{field} below {block - MIN_PROMPT} or raise model.block_size")
     return method, acfg
+
+
+def check_world(acfg: MethodConfig, world: int, strategy: str, zero_stage: int | None = None) -> None:
+    """An online method's global batches must split evenly over the processes (each rank samples its share), and
+    its weights must not be sharded: ranks decode for as many steps as their own rows need, and a sharded forward
+    is a collective every rank must make as often."""
+    online = hasattr(acfg, "rollout_batch")
+    if online and world > 1 and (strategy in ("fsdp", "fsdp2") or zero_stage == 3):
+        raise ConfigError(f"align.method {acfg.method} samples token by token on each rank, which sharded weights "
+                          f"(strategy={strategy}{' stage 3' if zero_stage == 3 else ''}) cannot do: use "
+                          "strategy=ddp (or deepspeed stage 1/2) for it")
+    for field in ("rollout_batch", "minibatch_size"):
+        value = getattr(acfg, field, None)
+        if value is not None and value % world:
+            raise ConfigError(f"align.{field} ({value}) does not split over {world} processes (trainer.devices x "
+                              f"trainer.num_nodes): make it a multiple of {world}")
 
 
 def declared_needs(name: str) -> dict[str, str]:

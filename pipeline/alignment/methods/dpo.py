@@ -27,6 +27,7 @@ from pipeline.model.gpt import GPT
 from pipeline.model.logprobs import sequence_logprobs
 from pipeline.training.curves import CurveRecorder
 from pipeline.training.objective import Objective
+from pipeline.training.parallel import gpt_like, trained_module
 from pipeline.training.reward import on_policy_splits, sample_on_policy
 from pipeline.training.trainer import fit
 
@@ -93,7 +94,8 @@ class DPO(Objective):
         self.reference.requires_grad_(False)  # keep the frozen copy out of the optimizer's groups
         return super().configure_optimizers()
 
-    def _step(self, batch: dict, prefix: str) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.log_throughput(batch["input_ids"].numel(), batch_idx)
         ids, mask = batch["input_ids"], batch["response_mask"]
         half = ids.size(0) // 2
         logp = sequence_logprobs(self.policy, ids, mask)
@@ -102,33 +104,39 @@ class DPO(Objective):
         out = dpo_loss(logp[:half], logp[half:], ref[:half], ref[half:], self.cfg.beta, self.cfg.label_smoothing)
         loss = out["loss"].mean()
         self.log_dict({
-            f"{prefix}/loss": loss,
-            f"{prefix}/rewards/chosen": out["chosen"].mean(),
-            f"{prefix}/rewards/rejected": out["rejected"].mean(),
-            f"{prefix}/rewards/accuracies": (out["chosen"] > out["rejected"]).float().mean(),
-            f"{prefix}/rewards/margins": (out["chosen"] - out["rejected"]).mean(),
-            f"{prefix}/logps/chosen": logp[:half].mean(),
-            f"{prefix}/logps/rejected": logp[half:].mean(),
-        }, prog_bar=False, batch_size=half)
-        if prefix == "train":
-            self.log("train/reward", (out["chosen"] - out["rejected"]).mean(), prog_bar=True, batch_size=half)
+            "train/loss": loss,
+            "train/rewards/chosen": out["chosen"].mean(),
+            "train/rewards/rejected": out["rejected"].mean(),
+            "train/rewards/accuracies": (out["chosen"] > out["rejected"]).float().mean(),
+            "train/rewards/margins": (out["chosen"] - out["rejected"]).mean(),
+            "train/logps/chosen": logp[:half].mean(),
+            "train/logps/rejected": logp[half:].mean(),
+        }, prog_bar=False, batch_size=half, sync_dist=True)  # every rank holds as many pairs: exact means
+        self.log("train/reward", (out["chosen"] - out["rejected"]).mean(), prog_bar=True, batch_size=half,
+                 sync_dist=True)
         return loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.log_throughput(batch["input_ids"].numel(), batch_idx)
-        return self._step(batch, "train")
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
+        """Per-pair values, averaged over exactly the held-out pairs of every rank (Objective.accumulate)."""
+        ids, mask = batch["input_ids"], batch["response_mask"]
+        half = ids.size(0) // 2
+        logp = sequence_logprobs(self.policy, ids, mask)
+        ref = sequence_logprobs(self.reference, ids, mask)
+        out = dpo_loss(logp[:half], logp[half:], ref[:half], ref[half:], self.cfg.beta, self.cfg.label_smoothing)
+        self.accumulate("val", {
+            "loss": out["loss"], "rewards/chosen": out["chosen"], "rewards/rejected": out["rejected"],
+            "rewards/accuracies": (out["chosen"] > out["rejected"]).float(),
+            "rewards/margins": out["chosen"] - out["rejected"],
+            "logps/chosen": logp[:half], "logps/rejected": logp[half:]}, batch["weight"])
 
 
 def train(cfg: PipelineConfig, acfg: Config, spec: StageSpec, policy: GPT, reference: GPT,
-          tok: ChatTokenizer) -> tuple[CurveRecorder, dict]:
-    extra = sample_on_policy(policy, tok, acfg.on_policy, cfg.seed)
+          tok: ChatTokenizer) -> tuple[CurveRecorder, dict, GPT | None]:
     data = PreferenceData(paths.PREPARED, tok, policy.config.block_size, acfg.batch_size, cfg.seed, acfg.val_fraction,
-                          extra)
+                          lambda trainer: sample_on_policy(policy, tok, acfg.on_policy, cfg.seed, trainer))
     module = DPO(policy.train(), reference, acfg)
-    _, curves, final = fit(module, data, cfg, spec, max_steps=acfg.steps, val_every=acfg.val_every,
-                           val_batches=acfg.val_batches, grad_clip=acfg.grad_clip, single_device=True)
-    return curves, {"on_policy_pairs": len(extra), "held_out_pairs": len(data.val_rows),
-                    **{k.removeprefix("val/"): v for k, v in final.items() if k.startswith("val/")}}
+    trainer, curves, final = fit(module, data, cfg, spec, max_steps=acfg.steps, val_every=acfg.val_every,
+                                 val_batches=acfg.val_batches, grad_clip=acfg.grad_clip)
+    own = {"on_policy_pairs": len(data.extra_rows), "held_out_pairs": len(data.val_rows),
+           **{k.removeprefix("val/"): v for k, v in final.items() if k.startswith("val/")}}
+    return curves, own, trained_module(trainer, module, "policy", gpt_like(policy))

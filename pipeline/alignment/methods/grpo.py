@@ -23,9 +23,10 @@ from pipeline import paths
 from pipeline.alignment.rollout import (
     RolloutConfig,
     clipped_policy_loss,
+    clock,
     kl_penalty,
+    log_times,
     manual_step,
-    masked_mean,
     minibatches,
     sample_rollout,
 )
@@ -36,6 +37,7 @@ from pipeline.model.gpt import GPT
 from pipeline.model.logprobs import response_logprobs
 from pipeline.training.curves import CurveRecorder
 from pipeline.training.objective import Objective
+from pipeline.training.parallel import gpt_like, token_mean, trained_module
 from pipeline.training.trainer import fit
 
 if TYPE_CHECKING:
@@ -111,9 +113,32 @@ class GRPO(Objective):
     def on_train_start(self) -> None:
         self.generator = self.make_generator(self.seed)
 
+    def minibatch_loss(self, b: dict, adv: torch.Tensor, ref_logp: torch.Tensor | None,
+                       mb: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The loss of minibatch `mb` (row indices of this rank's rollout `b`) and its statistics; token means are
+        over the global minibatch (pipeline.training.parallel.token_mean), as one device would take them."""
+        c = self.cfg
+        m = b["mask"][mb]
+        logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True,
+                                          temperature=c.temperature)
+        per_token, ratio = clipped_policy_loss(logp, b["logp"][mb], adv[mb, None], c.cliprange)
+        stats = {}
+        if ref_logp is not None:  # measured only when penalised, as TRL does
+            k3 = kl_penalty(logp, ref_logp[mb], "k3")
+            per_token = per_token + c.kl_coef * k3
+            stats["kl"] = token_mean(k3.detach(), m)
+        loss = token_mean(per_token, m)
+        with torch.no_grad():
+            stats.update({"loss": loss.detach(), "clip": token_mean(((ratio - 1).abs() > c.cliprange).float(), m),
+                          "entropy": token_mean(entropy, m)})
+        return loss, stats
+
     def training_step(self, rows: list[dict], batch_idx: int) -> None:
+        """One iteration on this rank's share of the global rollout batch: whole groups (a prompt's samples are
+        drawn on one rank), so group statistics are local; gradients are synchronised by the strategy."""
         c = self.cfg
         rows = [r for r in rows for _ in range(c.group_size)]  # a prompt's samples stay adjacent
+        started = clock(self.device)
         self.policy.eval()
         b = sample_rollout(self.policy, self.tok, rows, c, self.generator, self.device)
         self.count_tokens(b["attn"].sum())  # prompt + response tokens the updates train on
@@ -123,40 +148,31 @@ class GRPO(Objective):
             ref_logp = (response_logprobs(self.reference, b["seq"], b["attn"], b["P"], temperature=c.temperature)[0]
                         if c.kl_coef > 0 else None)
         self.policy.train()
-        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", "kl", "clip", "entropy")}
+        sampled = clock(self.device)
+        stats: dict[str, list[torch.Tensor]] = {}
         for mb in minibatches(len(rows), c.minibatch_size, c.epochs, self.seed + self.global_step):
-            mb = mb.to(self.device)
-            m = b["mask"][mb]
-            logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True,
-                                              temperature=c.temperature)
-            per_token, ratio = clipped_policy_loss(logp, b["logp"][mb], adv[mb, None], c.cliprange)
-            if ref_logp is not None:  # measured only when penalised, as TRL does
-                k3 = kl_penalty(logp, ref_logp[mb], "k3")
-                per_token = per_token + c.kl_coef * k3
-                stats["kl"].append(masked_mean(k3.detach(), m))
-            loss = masked_mean(per_token, m)
+            loss, step_stats = self.minibatch_loss(b, adv, ref_logp, mb.to(self.device))
             manual_step(self, loss, c.grad_clip)
-            with torch.no_grad():
-                stats["loss"].append(loss.detach())
-                stats["clip"].append(masked_mean(((ratio - 1).abs() > c.cliprange).float(), m))
-                stats["entropy"].append(masked_mean(entropy, m))
-        avg = {k: torch.stack(v).mean() for k, v in stats.items() if v}
+            for k, v in step_stats.items():
+                stats.setdefault(k, []).append(v)
+        avg = {k: torch.stack(v).mean() for k, v in stats.items()}
         groups = rewards.view(-1, c.group_size)
         if "kl" in avg:
-            self.log("kl", avg["kl"])
+            self.log("kl", avg["kl"], sync_dist=True)
         self.log_dict({
             "reward": rewards.mean(), "reward_std": groups.std(1).mean(),
             "frac_reward_zero_std": (groups.std(1) == 0).float().mean(),
             "clip_ratio": avg["clip"], "entropy": avg["entropy"], "loss": avg["loss"],
             "completions/mean_length": b["mask"].sum(1).float().mean(),
             "completions/eos_rate": b["ended"].mean(), "lr": self.lr_schedulers().get_last_lr()[0],
-        }, prog_bar=False)
-        self.log("train/reward", rewards.mean(), prog_bar=True)
+        }, prog_bar=False, sync_dist=True)  # every rank holds as many groups: the mean of means is exact
+        self.log("train/reward", rewards.mean(), prog_bar=True, sync_dist=True)
+        log_times(self, started, sampled, clock(self.device))
 
 
 def train(cfg: PipelineConfig, acfg: Config, spec: StageSpec, policy: GPT, reference: GPT,
-          tok: ChatTokenizer) -> tuple[CurveRecorder, dict]:
+          tok: ChatTokenizer) -> tuple[CurveRecorder, dict, GPT | None]:
     module = GRPO(policy.train(), reference, tok, acfg, cfg.seed)
     data = PromptData(paths.PREPARED, acfg.rollout_batch, acfg.steps, cfg.seed)
-    _, curves, _ = fit(module, data, cfg, spec, validate=False, max_epochs=1, log_every=1, single_device=True)
-    return curves, {"iterations": acfg.steps}
+    trainer, curves, _ = fit(module, data, cfg, spec, validate=False, max_epochs=1, log_every=1)
+    return curves, {"iterations": acfg.steps}, trained_module(trainer, module, "policy", gpt_like(policy))

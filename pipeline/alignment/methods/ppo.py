@@ -26,11 +26,12 @@ from pipeline import paths
 from pipeline.alignment.rollout import (
     RolloutConfig,
     clipped_policy_loss,
+    clock,
     gae,
     group_centre,
     kl_penalty,
+    log_times,
     manual_step,
-    masked_mean,
     masked_whiten,
     minibatches,
     sample_rollout,
@@ -45,6 +46,7 @@ from pipeline.model.heads import ScalarHead
 from pipeline.model.logprobs import response_logprobs
 from pipeline.training.curves import CurveRecorder
 from pipeline.training.objective import Objective, lr_lambda
+from pipeline.training.parallel import global_mean, gpt_like, token_mean, trained_module, world_size
 from pipeline.training.trainer import fit
 
 if TYPE_CHECKING:
@@ -194,45 +196,57 @@ class PPO(Objective):
                 "returns": returns, "scores": scores, "kl": kl.sum(1), "ended": ended.float(),
                 "lengths": lengths.float(), "neg_logp": (-logp * mask).sum(1)}
 
-    def training_step(self, rows: list[dict], batch_idx: int) -> None:
+    def minibatch_loss(self, b: dict, mb: torch.Tensor, train_policy: bool) -> tuple[torch.Tensor, dict]:
+        """The loss of minibatch `mb` (row indices of this rank's rollout `b`) and its statistics.
+
+        Token means are over the global minibatch (pipeline.training.parallel.token_mean): under DDP the
+        averaged gradient is the one the whole minibatch gives on one device, and the statistics, averaged
+        over the ranks when logged, are the whole minibatch's."""
         c = self.cfg
-        rows = [r for r in rows for _ in range(c.samples_per_prompt)]  # siblings stay adjacent
+        m = b["mask"][mb]
+        logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True,
+                                          temperature=c.temperature)
+        logratio = logp - b["logp"][mb]
+        pg, ratio = clipped_policy_loss(logp, b["logp"][mb], b["adv"][mb], c.cliprange)
+        pg_loss = token_mean(pg, m)
+        vpred = self.critic.per_token(b["seq"][mb], b["attn"][mb])[:, b["P"] - 1:-1]
+        old_v, ret = b["values"][mb], b["returns"][mb]
+        vclipped = old_v + (vpred - old_v).clamp(-c.cliprange_value, c.cliprange_value)
+        vf = 0.5 * torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2)
+        vf_loss = token_mean(vf, m)
+        ent = token_mean(entropy, m)
+        loss = c.vf_coef * vf_loss + (pg_loss - c.entropy_coef * ent) * float(train_policy)
+        with torch.no_grad():
+            stats = {"pg": pg_loss.detach(), "vf": vf_loss.detach(), "approxkl": token_mean(0.5 * logratio ** 2, m),
+                     "clipfrac": token_mean(((ratio - 1).abs() > c.cliprange).float(), m),
+                     "ratio": token_mean(ratio, m),
+                     "vclipfrac": token_mean(((vpred - old_v).abs() > c.cliprange_value).float(), m),
+                     "entropy": ent.detach()}
+        return loss, stats
+
+    def training_step(self, rows: list[dict], batch_idx: int) -> None:
+        """One iteration on this rank's share of the global rollout batch (pipeline.data.datamodules.PromptData):
+        sample and score it, then `ppo_epochs` passes of minibatch updates, gradients synchronised by the strategy."""
+        c = self.cfg
+        rows = [r for r in rows for _ in range(c.samples_per_prompt)]  # siblings stay adjacent, on one rank
+        started = clock(self.device)
         self.policy.eval()  # no dropout while sampling and scoring
         b = self.rollout(rows)
         self.policy.train()
+        sampled = clock(self.device)
         self.count_tokens(b["attn"].sum())  # prompt + response tokens the updates train on
-        stats: dict[str, list[torch.Tensor]] = {
-            k: [] for k in ("pg", "vf", "approxkl", "clipfrac", "ratio", "vclipfrac", "entropy")}
+        stats: dict[str, list[torch.Tensor]] = {}
+        train_policy = batch_idx >= c.critic_warmup
         for mb in minibatches(len(rows), c.minibatch_size, c.ppo_epochs, self.seed + self.global_step):
-            mb = mb.to(self.device)
-            m = b["mask"][mb]
-            logp, entropy = response_logprobs(self.policy, b["seq"][mb], b["attn"][mb], b["P"], with_entropy=True,
-                                              temperature=c.temperature)
-            logratio = logp - b["logp"][mb]
-            pg, ratio = clipped_policy_loss(logp, b["logp"][mb], b["adv"][mb], c.cliprange)
-            pg_loss = masked_mean(pg, m)
-            vpred = self.critic.per_token(b["seq"][mb], b["attn"][mb])[:, b["P"] - 1:-1]
-            old_v, ret = b["values"][mb], b["returns"][mb]
-            vclipped = old_v + (vpred - old_v).clamp(-c.cliprange_value, c.cliprange_value)
-            vf = 0.5 * torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2)
-            vf_loss = masked_mean(vf, m)
-            ent = masked_mean(entropy, m)
-            train_policy = batch_idx >= c.critic_warmup
-            loss = c.vf_coef * vf_loss + (pg_loss - c.entropy_coef * ent) * float(train_policy)
+            loss, step_stats = self.minibatch_loss(b, mb.to(self.device), train_policy)
             manual_step(self, loss, c.grad_clip)
-            with torch.no_grad():
-                stats["pg"].append(pg_loss)
-                stats["vf"].append(vf_loss)
-                stats["approxkl"].append(masked_mean(0.5 * logratio ** 2, m))
-                stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > c.cliprange).float(), m))
-                stats["ratio"].append(masked_mean(ratio, m))
-                stats["vclipfrac"].append(masked_mean(((vpred - old_v).abs() > c.cliprange_value).float(), m))
-                stats["entropy"].append(ent)
+            for k, v in step_stats.items():
+                stats.setdefault(k, []).append(v)
         avg = {k: torch.stack(v).mean() for k, v in stats.items()}
         kl = b["kl"].mean()
         beta = self.beta  # the coefficient this rollout was shaped with
-        if self.kl_ctl and batch_idx >= c.critic_warmup:
-            self.kl_ctl.update(float(kl), len(rows))
+        if self.kl_ctl and train_policy:  # the whole rollout's KL, so every rank moves beta alike
+            self.kl_ctl.update(float(global_mean(b["kl"])), len(rows) * world_size())
         self.log_dict({
             "objective/kl": kl, "objective/scores": b["scores"].mean(),
             "objective/rlhf_reward": (b["scores"] - beta * b["kl"]).mean(), "objective/kl_coef": beta,
@@ -242,16 +256,17 @@ class PPO(Objective):
             "policy/entropy_avg": avg["entropy"], "loss/policy_avg": avg["pg"], "loss/value_avg": avg["vf"],
             "val/ratio": avg["ratio"], "val/clipfrac_avg": avg["vclipfrac"],
             "lr": self.lr_schedulers().get_last_lr()[0],
-        }, prog_bar=False)
-        self.log("train/reward", b["scores"].mean(), prog_bar=True)
-        self.log("train/kl", kl, prog_bar=True)
+        }, prog_bar=False, sync_dist=True)  # every rank's share holds as many samples: the mean of means is exact
+        self.log("train/reward", b["scores"].mean(), prog_bar=True, sync_dist=True)
+        self.log("train/kl", kl, prog_bar=True, sync_dist=True)
+        log_times(self, started, sampled, clock(self.device))
 
 
 def train(cfg: PipelineConfig, acfg: Config, spec: StageSpec, policy: GPT, reference: GPT,
-          tok: ChatTokenizer) -> tuple[CurveRecorder, dict]:
+          tok: ChatTokenizer) -> tuple[CurveRecorder, dict, GPT | None]:
     reward_model = load_reward_model(policy.config, tok.sha256, REWARD)
     critic = load_reward_model(policy.config, tok.sha256, REWARD).drop_likelihood_term()  # TRL's default start
     module = PPO(policy.train(), reference, critic.train(), reward_model, tok, acfg, cfg.seed)
     data = PromptData(paths.PREPARED, acfg.rollout_batch, acfg.steps + acfg.critic_warmup, cfg.seed)
-    _, curves, _ = fit(module, data, cfg, spec, validate=False, max_epochs=1, log_every=1, single_device=True)
-    return curves, {"iterations": acfg.steps}
+    trainer, curves, _ = fit(module, data, cfg, spec, validate=False, max_epochs=1, log_every=1)
+    return curves, {"iterations": acfg.steps}, trained_module(trainer, module, "policy", gpt_like(policy))
