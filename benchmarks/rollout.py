@@ -118,7 +118,7 @@ def main() -> None:
             single = argparse.Namespace(**{**vars(args), "rounds": 1})
             mp.start_processes(rank_main, args=(port + r + 1, single, out), nprocs=2, join=True,
                                start_method="spawn" if args.device == "cuda" else "fork")
-            two.append(torch.load(out)[0])
+            two.append(torch.load(out, weights_only=True)[0])
     w1, w2 = args.prompts / statistics.median(one), args.prompts / statistics.median(two)
     print(f"world 1: {w1:.1f} samples/s   world 2: {w2:.1f} samples/s   speedup {w2 / w1:.2f}")
     print(json.dumps({"device": args.device, "prompts": args.prompts, "new_tokens": args.new_tokens,

@@ -63,6 +63,12 @@ def xdist_group_of(item: pytest.Item) -> str:
     return item.nodeid.split("::")[0]
 
 
+def xdist_suffix(item: pytest.Item) -> str:
+    """What pytest-xdist appends to the nodeid under --dist loadgroup: "@" and the test's group names."""
+    names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+    return "@" + "_".join(sorted(names)) if names else ""
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     if config.pluginmanager.hasplugin("xdist"):
@@ -70,16 +76,13 @@ def pytest_collection_modifyitems(config, items):
             if not item.get_closest_marker("xdist_group"):  # else the group the test names itself
                 item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
     result = yield  # xdist's own hook (on a worker) appends "@<group>" to each nodeid: the scheduler reads it there
-    if getattr(config.option, "loadgroup", False):
+    if getattr(config.option, "loadgroup", False) and not any(i.nodeid.endswith(xdist_suffix(i)) for i in items):
         # pytest >= 9.2 keeps the nodeid in Node._id, and pytest-xdist <= 3.8 still writes the old attribute, so the
         # groups are silently lost (pytest-dev/pytest-xdist#1386): write the suffix where pytest reads it
+        from _pytest.nodeid import NodeId  # pytest >= 9.2 only
         for item in items:
-            names = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                     for m in item.iter_markers("xdist_group")}
-            suffix = "@" + "_".join(sorted(names))
-            if names and not item.nodeid.endswith(suffix):
-                from _pytest.nodeid import NodeId  # pytest >= 9.2 only
-                item._id = NodeId.parse(item.nodeid + suffix)
+            old, params = item.id, "" if item.id.params is None else f"[{item.id.params}]"
+            item._id = NodeId(path=old.path, names=(*old.names[:-1], old.names[-1] + params + xdist_suffix(item)))
     return result
 
 

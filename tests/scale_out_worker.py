@@ -112,7 +112,7 @@ def main(data_dir: str, out: str) -> None:
     result = out + ".pt"
     # fork: the children inherit the imports (a spawned child would import Lightning again, ~10 s each)
     mp.start_processes(rank_main, args=(2, port, data_dir, result), nprocs=2, join=True, start_method="fork")
-    multi = torch.load(result)
+    multi = torch.load(result, weights_only=True)
     report = {"prompts": {"one": single_keys,
                           "two": [a + b for a, b in zip(*multi["keys"])],
                           "per_rank": [len(k[0]) for k in multi["keys"]]}}

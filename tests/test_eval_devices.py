@@ -45,14 +45,14 @@ def forwards(monkeypatch) -> list[tuple[int, torch.dtype, bool, torch.dtype]]:
     """(model id, weight dtype, autocast on, autocast dtype) at every GPT forward pass, backbones included."""
     from pipeline.model.gpt import GPT
     seen: list[tuple[int, torch.dtype, bool, torch.dtype]] = []
-    hidden = GPT.hidden
+    hidden = GPT._hidden
 
     def recorded(self, *args, **kwargs):
         seen.append((id(self), self.wte.weight.dtype, torch.is_autocast_enabled("cpu"),
                      torch.get_autocast_dtype("cpu")))
         return hidden(self, *args, **kwargs)
 
-    monkeypatch.setattr(GPT, "hidden", recorded)
+    monkeypatch.setattr(GPT, "_hidden", recorded)
     return seen
 
 
