@@ -1,25 +1,50 @@
 # `make run`: set up .venv and run the whole lifecycle with `dvc repro`.
-# `make test`: set up .venv (with test extras), lint with ruff, and run the test suite (2 pytest-xdist workers).
+# `make test`: set up .venv (.[test,sweep] at requirements/lock.txt's versions), lint with ruff, and run the test suite
+# (2 pytest-xdist workers). `make lock`: re-resolve the lock after editing pyproject.toml (docs/dependencies.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch is pinned; where a local wheel directory is configured (PIP_FIND_LINKS), uv must look there too
+UV := $(VENV)/bin/uv
+UV_VERSION ?= 0.13.9
+# the exact versions `make install` installs: .[test,sweep] resolved for Python 3.11 on Linux x86-64, CPU torch
+# (docs/dependencies.md). `make lock` rewrites it from pyproject.toml, keeping every pin that still fits.
+LOCK := requirements/lock.txt
+LOCK_EXTRAS := --extra test --extra sweep
+TORCH_LOCK ?= 2.13.0+cpu
+# the lock names the CPU wheel (torch==…+cpu); where a local wheel directory is configured (PIP_FIND_LINKS), uv
+# must look there too. Without one, torch's plain version is asked of PyPI instead (its CUDA build), as before.
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
+INSTALL_LOCK := $(if $(PIP_FIND_LINKS),$(LOCK),$(VENV)/lock-pypi-torch.txt)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test lint install params dvc.yaml clean
+.PHONY: run test lint install lock params dvc.yaml clean
 
-$(VENV)/.installed: pyproject.toml
+$(UV):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q uv >/dev/null 2>&1 || true
-	@if [ -x $(VENV)/bin/uv ]; then \
-		$(VENV)/bin/uv pip install -q --python $(PY) $(FIND_LINKS) -e '.[test]'; \
+	@$(PY) -m pip install -q uv==$(UV_VERSION) >/dev/null 2>&1 || true
+
+# the lock's packages, then the project itself on top (editable, --no-deps: the lock already holds its dependencies)
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(UV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@sed 's/^torch==\([^+ ]*\)+cpu/torch==\1/' $(LOCK) > $(VENV)/lock-pypi-torch.txt
+	@if [ -x $(UV) ]; then \
+		$(UV) pip install -q --python $(PY) $(FIND_LINKS) -r $(INSTALL_LOCK) && \
+		$(UV) pip install -q --python $(PY) --no-deps -e .; \
 	else \
-		$(PY) -m pip install -q -e '.[test]'; \
+		$(PY) -m pip install -q -r $(INSTALL_LOCK) && $(PY) -m pip install -q --no-deps -e .; \
 	fi
 	@touch $@
 
 install: $(VENV)/.installed
+
+# re-resolve the lock after editing pyproject.toml's dependencies (needs the CPU torch wheel in PIP_FIND_LINKS);
+# `make lock UPGRADE=1` moves every package to its newest allowed version
+lock: | $(UV)
+	@test -n "$(PIP_FIND_LINKS)" || { echo "make lock: set PIP_FIND_LINKS to the directory of torch $(TORCH_LOCK)'s wheel"; exit 1; }
+	@echo "torch==$(TORCH_LOCK)" > $(VENV)/torch-lock.txt
+	$(UV) pip compile -q pyproject.toml $(LOCK_EXTRAS) $(FIND_LINKS) -c $(VENV)/torch-lock.txt --python $(PY) \
+		$(if $(UPGRADE),--upgrade,) --custom-compile-command "make lock" -o $(LOCK)
+	@! grep -E '^(nvidia-c|nvidia-n[cv]|triton==|cuda-)' $(LOCK) || { echo "$(LOCK) holds CUDA packages"; exit 1; }
 
 run: install
 	dvc repro

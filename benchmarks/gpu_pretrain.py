@@ -14,7 +14,8 @@ random). On CUDA: bf16-mixed, TF32 for leftover fp32 matmuls, `model.compile()` 
 Both see the same pre-generated batches (already on the device) from the same seed. Each run
 times the steps after `--warmup` (compilation happens there), from one step's start to the
 next's, with a device sync only at the two ends. MFU = model.flops_per_token() x tokens/s ÷ the
-device's peak (pipeline.training.hardware.peak_flops: 989 TFLOP/s bf16 on H100/H200; null on CPU). Every
+device's peak (pipeline.training.hardware.peak_flops, Lightning's device table: 989 TFLOP/s bf16 on an
+H100 SXM; null on CPU). Every
 strategy (devices=1) runs the pipeline path at every batch size; the plain loop runs once per batch
 size. The last line is JSON with every run and `ratios` = pipeline (auto) ÷ plain tokens/s per batch.
 

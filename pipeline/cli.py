@@ -7,11 +7,18 @@
 Run from the project root (checkpoints and the tokenizer are read from `artifacts/`). `--stage` names a
 language-model checkpoint of the chain (pipeline.inference.chat keeps the conversation). The model runs on
 the workspace's `trainer.accelerator` in its `trainer.precision` (params.yaml, else conf/), on one device.
+At a terminal, chat edits lines and recalls earlier ones (arrows, Ctrl-R) through `readline`, its history kept
+in ~/.gpt_pipeline_history; piped input, or a Python without readline, reads plain lines. Replies and the
+export's result go to stdout, errors to stderr.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from pipeline.config.load import compose, load_params
 from pipeline.config.root import Config, load_config
@@ -23,6 +30,11 @@ from pipeline.model.gpt import GPT
 from pipeline.model.handoff import load_gpt
 from pipeline.paths import PARAMS_FILE
 from stages import registry
+
+HISTORY_FILE = Path("~/.gpt_pipeline_history")
+HISTORY_LENGTH = 1000  # lines kept
+
+log = logging.getLogger(__name__)
 
 
 def _config() -> Config:
@@ -60,6 +72,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@contextmanager
+def line_editing(history: Path = HISTORY_FILE) -> Iterator[None]:
+    """`input()` with readline's editing and the history in `history` (read now, written on exit), when stdin is a
+    terminal and this Python has readline (not on Windows); plain `input()` otherwise."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    try:
+        import readline  # imported only here: at import, it takes over the terminal
+    except ImportError:
+        yield
+        return
+    history = history.expanduser()
+    try:
+        readline.read_history_file(history)
+    except OSError:  # the first session
+        pass
+    readline.set_history_length(HISTORY_LENGTH)
+    try:
+        yield
+    finally:
+        try:
+            readline.write_history_file(history)
+        except OSError as err:
+            log.warning("chat history not saved to %s: %s", history, err)
+
+
+def converse(chat: Chat) -> int:
+    """Read lines until /quit or end of input: a /command's answer or the streamed reply to each."""
+    with line_editing():
+        while True:
+            try:
+                line = input("> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if not line:
+                continue
+            if line.startswith("/"):
+                message = chat.command(line)
+                if message is None:
+                    return 0
+                print(message)
+                continue
+            chat.reply(line)
+
+
 def export(args: argparse.Namespace) -> int:
     from pipeline.interop.hf import export_checkpoint
     try:
@@ -87,21 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         chat.reply(args.prompt)
         return 0
     print(f"chatting with checkpoint {args.stage!r} ({sum(p.numel() for p in model.parameters()):,} params); {HELP}")
-    while True:
-        try:
-            line = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if not line:
-            continue
-        if line.startswith("/"):
-            message = chat.command(line)
-            if message is None:
-                return 0
-            print(message)
-            continue
-        chat.reply(line)
+    return converse(chat)
 
 
 if __name__ == "__main__":

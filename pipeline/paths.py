@@ -26,7 +26,7 @@ CHAT_TEMPLATE_FILE = TOKENIZER_DIR / "chat_template.jinja"
 CHAT_TOKENS_FILE = TOKENIZER_DIR / "chat_tokens.json"
 EXPORT_DIR = ARTIFACTS / "export"
 METRICS = Path("metrics")  # metrics/<stage>.json, small and kept in git
-CURVES = METRICS / "curves"  # metrics/curves/<stage>_<split>.json: DVC plots
+LIVE = Path("dvclive")  # dvclive/<stage>/: DVCLive's files of each training stage (its curves: DVC plots)
 REPORTS = Path("reports")
 OUTPUTS = Path("outputs")  # never tracked by DVC: resume checkpoints, Lightning's and Hydra's run directories
 RESUME_ROOT = OUTPUTS / "resume"
@@ -48,9 +48,15 @@ def metrics_file(stage: str) -> Path:
     return METRICS / f"{stage}.json"
 
 
-def curve_file(stage: str, split: str) -> Path:
-    """A training stage's logged scalars per step, `split` train or val."""
-    return CURVES / f"{stage}_{split}.json"
+def live_dir(stage: str) -> Path:
+    """`dvclive/<stage>`: metrics.json (the latest value of each scalar) and plots/metrics/<name>.tsv (every
+    logged value: columns step and the name's last part), written by DVCLive as the stage trains."""
+    return LIVE / stage
+
+
+def live_metric(stage: str, name: str) -> Path:
+    """The step file of scalar `name` (e.g. train/loss) of training stage `stage`."""
+    return live_dir(stage) / "plots" / "metrics" / f"{name}.tsv"
 
 
 def resume_dir(stage: str) -> Path:

@@ -72,11 +72,12 @@ class Out:
 
 @dataclass(frozen=True)
 class Curve:
-    """A training curve, metrics/curves/<stage>_<split>.json (rows of {step, scalar...}), as a DVC plot of `y`
-    over the step. Several ys make one chart of the file (dvc.yaml's top-level plots)."""
+    """One chart of a training stage's scalars over the step, a line per name in `y` (e.g. train/loss and
+    val/loss), from DVCLive's step files (paths.live_metric): one of dvc.yaml's top-level plots, `<stage>_<name>`.
+    Each scalar also has a plot of its own (the stage's DVCLive directory is its plots)."""
 
-    split: str
-    y: str | tuple[str, ...]
+    name: str
+    y: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class StageSpec:
     reads_every: str | None = None
     """A checkpoint kind: this stage reads every checkpoint of that kind in the chain (evaluate)."""
     reads_metrics: bool = False
-    """It reads the metrics and curves of every earlier stage (report)."""
+    """It reads the metrics and DVCLive files of every earlier stage (report)."""
     splits: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()
     """The prepared splits it reads (each checked, row by row, before work)."""
     writes: tuple[Checkpoint, ...] = ()
@@ -116,9 +117,11 @@ class StageSpec:
     artifacts: tuple[Artifact, ...] = ()
     """Registered objects among its outputs besides its checkpoints (which always are)."""
     curves: tuple[Curve, ...] = ()
+    """Charts of several of its scalars together (a training stage's every scalar is plotted alone anyway)."""
     plots: tuple[Plot, ...] = ()
     trains: bool = False
-    """It trains through Lightning (pipeline.training.trainer.fit): resume checkpoints in outputs/resume/<name>."""
+    """It trains through Lightning (pipeline.training.trainer.fit): resume checkpoints in outputs/resume/<name>,
+    DVCLive's files in dvclive/<name>/ (`live`)."""
     producers: Mapping[str, str] = field(default_factory=dict)
     """Filled in by the Chain: the stage that writes each checkpoint (what to rerun when one is missing)."""
 
@@ -148,10 +151,16 @@ class StageSpec:
         """Its data dependencies: the inputs and every checkpoint it may read (code deps are computed)."""
         return [*self.inputs, *(paths.checkpoint_dir(n) for n in self.all_reads())]
 
+    @property
+    def live(self) -> tuple[Path, Path] | None:
+        """A training stage's DVCLive files: (its metrics.json, the directory of its step files); None otherwise."""
+        live = paths.live_dir(self.name)
+        return (live / "metrics.json", live / "plots" / "metrics") if self.trains else None
+
     def made(self) -> list[Path]:
-        """Everything it writes: checkpoints, outs, metrics, curves and plots."""
+        """Everything it writes: checkpoints, outs, metrics (its own and DVCLive's), DVCLive's plots and plots."""
         return [*(c.path for c in self.writes), *(Path(o.path) for o in self.outs), self.metrics_file,
-                *(paths.curve_file(self.name, c.split) for c in self.curves), *(Path(p.path) for p in self.plots)]
+                *(self.live or ()), *(Path(p.path) for p in self.plots)]
 
 
 @dataclass(frozen=True)
@@ -195,7 +204,7 @@ class Chain(Sequence[Stage]):
                 spec = replace(spec, reads={**every, **spec.reads}, reads_every=None)
             if spec.reads_metrics:
                 earlier = [paths.metrics_file(s.name) for s in specs[:i]]
-                spec = replace(spec, inputs=(*spec.inputs, *earlier, paths.CURVES), reads_metrics=False)
+                spec = replace(spec, inputs=(*spec.inputs, *earlier, paths.LIVE), reads_metrics=False)
             unknown = [n for n in spec.reads if n not in self._producer]
             if unknown:
                 raise ValueError(f"stage {spec.name!r} reads checkpoints no stage writes: {unknown}")

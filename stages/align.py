@@ -27,7 +27,7 @@ def _splits(cfg: Config) -> tuple[str, ...]:
 SPEC = StageSpec(
     name="align",
     desc="The SFT model aligned by the configured method (align=ppo|dpo|grpo)",
-    params=("seed", "align", "trainer", "strategy", "peft"),
+    params=("seed", "align", "trainer", "strategy", "callbacks", "peft"),
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads={"sft": "gpt"},
     reads_for=_reads,
@@ -36,7 +36,7 @@ SPEC = StageSpec(
                        ("gpt", "chat", "aligned")),),
     # train/reward: the reward model's score (ppo), the checker's (grpo), the implicit reward margin (dpo);
     # train/kl: the policy's KL to the SFT reference
-    curves=(Curve("train", ("train/reward", "train/kl")),),
+    curves=(Curve("reward_kl", ("train/reward", "train/kl")),),
     trains=True,
 )
 
@@ -52,6 +52,8 @@ def check(cfg: Config, spec: StageSpec) -> None:
     methods.check_world(acfg, world_size(cfg.trainer), cfg.strategy.name, getattr(cfg.strategy, "stage", None))
     inputs = check_inputs(cfg, spec)
     check_adapters(cfg.peft, spec.name, inputs.metas[spec.checkpoint("gpt")]["model"], registry())
+    from pipeline.training.loggers import check as check_loggers
+    check_loggers(cfg, spec.name)  # every logger and callback builds; DVCLive is there under DVC
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

@@ -12,11 +12,11 @@ if TYPE_CHECKING:
 SPEC = StageSpec(
     name="pretrain",
     desc="A GPT from scratch (or model.init_from) on the pretraining text, next-token loss",
-    params=("seed", "model", "pretrain", "trainer", "strategy"),
+    params=("seed", "model", "pretrain", "trainer", "strategy", "callbacks"),
     inputs=(paths.TOKENS, paths.TOKENIZER_DIR),
     writes=(Checkpoint("pretrain", "gpt", "GPT pretrained on next-token prediction (model.safetensors, meta.json)",
                        ("gpt", "base")),),
-    curves=(Curve("train", "train/loss"), Curve("val", "val/loss")),
+    curves=(Curve("loss", ("train/loss", "val/loss")),),
     trains=True,
 )
 
@@ -30,6 +30,8 @@ def check(cfg: Config, spec: StageSpec) -> None:
         from pipeline.interop.hf import check_imported_tokenizer, check_pretrained
         check_pretrained(cfg.model, tok.vocab_size)
         check_imported_tokenizer(source, tok.tok, cfg.tokenizer.special_tokens)
+    from pipeline.training.loggers import check as check_loggers
+    check_loggers(cfg, spec.name)  # every logger and callback builds; DVCLive is there under DVC
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

@@ -19,13 +19,13 @@ def _splits(cfg: Config) -> tuple[str, ...]:
 SPEC = StageSpec(
     name="reward",
     desc="A Bradley-Terry reward model (the SFT backbone + a scalar head) on preference pairs",
-    params=("seed", "reward", "trainer", "strategy", "peft"),
+    params=("seed", "reward", "trainer", "strategy", "callbacks", "peft"),
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads={"sft": "gpt"},
     splits=_splits,
     writes=(Checkpoint("reward", "reward", "Bradley-Terry reward model, the SFT network with a scalar head",
                        ("reward-model",)),),
-    curves=(Curve("train", "train/accuracy"), Curve("val", "val/accuracy")),
+    curves=(Curve("accuracy", ("train/accuracy", "val/accuracy")),),
     trains=True,
 )
 
@@ -38,6 +38,8 @@ def check(cfg: Config, spec: StageSpec) -> None:
     check_placement(cfg.trainer)
     inputs = check_inputs(cfg, spec)
     check_adapters(cfg.peft, spec.name, inputs.metas[spec.checkpoint("gpt")]["model"], registry())
+    from pipeline.training.loggers import check as check_loggers
+    check_loggers(cfg, spec.name)  # every logger and callback builds; DVCLive is there under DVC
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

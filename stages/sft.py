@@ -12,12 +12,12 @@ if TYPE_CHECKING:
 SPEC = StageSpec(
     name="sft",
     desc="The pretrained GPT finetuned on chat conversations, loss on the replies only",
-    params=("seed", "sft", "trainer", "strategy", "peft"),
+    params=("seed", "sft", "trainer", "strategy", "callbacks", "peft"),
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads={"pretrain": "gpt"},
     splits=("sft",),
     writes=(Checkpoint("sft", "gpt", "The pretrained GPT finetuned on chat demonstrations", ("gpt", "chat", "sft")),),
-    curves=(Curve("train", "train/loss"), Curve("val", "val/loss")),
+    curves=(Curve("loss", ("train/loss", "val/loss")),),
     trains=True,
 )
 
@@ -30,6 +30,8 @@ def check(cfg: Config, spec: StageSpec) -> None:
     start = spec.checkpoint("gpt")
     check_adapters(cfg.peft, "sft", inputs.metas[start]["model"], registry())
     check_conversation_lengths(inputs.rows["sft"], inputs.tok, inputs.block_size(start))
+    from pipeline.training.loggers import check as check_loggers
+    check_loggers(cfg, spec.name)  # every logger and callback builds; DVCLive is there under DVC
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

@@ -14,13 +14,13 @@ if TYPE_CHECKING:
 SPEC = StageSpec(
     name="sft_control",
     desc="The same-compute control: SFT trained as many more steps as alignment gave the policy",
-    params=("seed", "sft", "align", "trainer", "strategy", "peft"),
+    params=("seed", "sft", "align", "trainer", "strategy", "callbacks", "peft"),
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads={"sft": "gpt"},
     splits=("sft",),
     writes=(Checkpoint("sft_control", "gpt", "The SFT model trained further for as many steps as alignment took, "
                        "the control", ("gpt", "chat", "sft", "control")),),
-    curves=(Curve("train", "train/loss"), Curve("val", "val/loss")),
+    curves=(Curve("loss", ("train/loss", "val/loss")),),
     trains=True,
 )
 
@@ -35,6 +35,8 @@ def check(cfg: Config, spec: StageSpec) -> None:
     start = spec.checkpoint("gpt")
     check_adapters(cfg.peft, "sft", inputs.metas[start]["model"], registry())  # it trains as SFT did
     check_conversation_lengths(inputs.rows["sft"], inputs.tok, inputs.block_size(start))
+    from pipeline.training.loggers import check as check_loggers
+    check_loggers(cfg, spec.name)  # every logger and callback builds; DVCLive is there under DVC
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:

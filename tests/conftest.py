@@ -197,9 +197,10 @@ def micro_repo(tmp_path_factory) -> Path:
     repo = repo_copy(tmp_path_factory.mktemp("repo"))
     config = repo / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("  - experiment: null", "  - experiment: micro"))
-    # micro's own override turns W&B off; put it back on for this test
+    # micro's own override leaves W&B out; the default loggers (W&B and DVCLive) for this test
     micro = repo / "conf" / "experiment" / "micro.yaml"
-    micro.write_text(micro.read_text().replace("  - override /logger: none\n", ""))
+    micro.write_text("".join(line for line in micro.read_text().splitlines(keepends=True)
+                             if not line.startswith("  - override /logger:")))
     subprocess.run(["python", "-m", "pipeline.config"], cwd=repo, env=venv_env(), check=True, capture_output=True)
     subprocess.run(["git", "commit", "-qam", "micro defaults"], cwd=repo, check=True, capture_output=True,
                    env=venv_env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",

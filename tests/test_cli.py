@@ -42,15 +42,24 @@ def _read_until(fd: int, marker: bytes, timeout: float = 120.0) -> bytes:
     return buf
 
 
-def test_chat_cli_in_a_pseudo_terminal(micro_chain):
-    """The console script's chat, driven like a person at a terminal: a reply, commands, a clean exit."""
+def chat_in_a_pty(chain: Path, home: Path) -> tuple[subprocess.Popen, int]:
+    """`gpt-pipeline chat` on a pseudo-terminal (a real terminal to it: readline on), HOME at `home`; (process, the
+    terminal's master end)."""
     import os
     import pty
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "chat", "--stage", "sft", "--max-new-tokens", "6"],
-                            stdin=slave, stdout=slave, stderr=slave, cwd=micro_chain, close_fds=True,
-                            env=venv_env(PYTHONPATH=str(REPO)))
+                            stdin=slave, stdout=slave, stderr=slave, cwd=chain, close_fds=True,
+                            env=venv_env(PYTHONPATH=str(REPO), HOME=str(home), TERM="xterm"))
     os.close(slave)
+    return proc, master
+
+
+def test_chat_cli_in_a_pseudo_terminal(micro_chain, tmp_path):
+    """The console script's chat, driven like a person at a terminal: a reply, commands, a clean exit; the lines
+    typed are kept in ~/.gpt_pipeline_history, and the next session recalls them with the up arrow."""
+    import os
+    proc, master = chat_in_a_pty(micro_chain, tmp_path)
     try:
         assert b"chatting with checkpoint 'sft'" in _read_until(master, b"> ")
         os.write(master, b"What is 2 + 3?\r")
@@ -61,6 +70,16 @@ def test_chat_cli_in_a_pseudo_terminal(micro_chain):
             os.write(master, command + b"\r")
             _read_until(master, answer)
         os.write(master, b"/quit\r")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    history = (tmp_path / ".gpt_pipeline_history").read_text().splitlines()
+    assert history[-3:] == ["/reset", "/nope", "/quit"] and "What is 2 + 3?" in history
+    proc, master = chat_in_a_pty(micro_chain, tmp_path)
+    try:
+        _read_until(master, b"> ")
+        os.write(master, b"\x1b[A\r")  # up arrow: the last line typed (/quit), entered again
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from pipeline.alignment import methods
 from pipeline.config.load import compose
+from pipeline.config.loggers import WandbEntry
 from pipeline.config.model import ModelConfig
 from pipeline.config.root import Config, load_config
 from pipeline.config.schema import ConfigError
@@ -124,15 +125,25 @@ def test_global_batch_in_tokens_sets_accumulation_or_names_the_fix():
     assert built.accumulate_grad_batches == 4
 
 
-def test_peak_flops_are_looked_up_per_device_and_precision():
+def test_peak_flops_come_from_lightnings_device_table_and_the_override_wins():
+    import torch
+    from lightning.fabric.utilities.throughput import _CUDA_FLOPS
+
     from pipeline.training.hardware import peak_flops
-    with mock.patch("torch.cuda.get_device_name", return_value="NVIDIA H200"), \
-            mock.patch("torch.cuda.is_available", return_value=True):
-        assert peak_flops("cuda:0", "bf16-mixed") == 989e12
-        assert peak_flops("cuda:0", "32-true") == 494.5e12
-    with mock.patch("torch.cuda.get_device_name", return_value="NVIDIA A100-SXM4-80GB"), \
-            mock.patch("torch.cuda.is_available", return_value=True):
-        assert peak_flops("cuda:0", "bf16-mixed") == 312e12
+    with mock.patch("torch.cuda.get_device_name", return_value="NVIDIA H100 80GB HBM3") as name, \
+            mock.patch("lightning.fabric.accelerators.cuda._is_ampere_or_later", return_value=True):
+        assert peak_flops("cuda:0", "bf16-mixed") == _CUDA_FLOPS["h100 sxm"][torch.bfloat16] == 989.4e12
+        assert peak_flops("cuda:0", "16-mixed") == _CUDA_FLOPS["h100 sxm"][torch.float16]
+        assert peak_flops("cuda:0", "32-true") == _CUDA_FLOPS["h100 sxm"][torch.float32]  # matmul precision "highest"
+        with mock.patch("torch.get_float32_matmul_precision", return_value="high"):
+            assert peak_flops("cuda:0", "32-true") == _CUDA_FLOPS["h100 sxm"]["tfloat32"]  # TF32 tensor cores
+        assert name.called  # the name torch reports picks the row
+        assert peak_flops("cuda:0", "bf16-mixed", override_tflops=123.0) == 123e12  # trainer.peak_tflops wins
+    with mock.patch("torch.cuda.get_device_name", return_value="NVIDIA A100-SXM4-80GB"):
+        assert peak_flops("cuda:0", "bf16-true") == _CUDA_FLOPS["a100"][torch.bfloat16]
+    with mock.patch("torch.cuda.get_device_name", return_value="Some Future GPU"), \
+            pytest.warns(UserWarning, match="FLOPs not found"):
+        assert peak_flops("cuda:0", "bf16-mixed") is None  # unlisted: no MFU unless trainer.peak_tflops is set
     assert peak_flops("cpu", "32-true") is None
     assert peak_flops("cpu", "32-true", override_tflops=1.5) == 1.5e12
 
@@ -169,7 +180,7 @@ def test_micro_experiment_shrinks_the_default():
     default, micro = compose(), compose(["experiment=micro"])
     assert micro.model.n_embd < default.model.n_embd
     assert micro.pretrain.max_steps < default.pretrain.max_steps
-    assert micro.logger.name == "none"
+    assert list(micro.logger) == ["dvclive"]  # no W&B runs; DVCLive writes the declared plots
 
 
 def _defaults(schema: type[BaseModel], composed: dict, where: str) -> list[str]:
@@ -203,9 +214,12 @@ def test_every_schema_default_is_the_default_config():
     composed = OmegaConf.to_container(compose())
     wrong = []
     for name in Config.model_fields:
+        if name in ("logger", "callbacks"):  # sets of chosen entries, not defaults: an absent entry is not chosen
+            continue
         schema = group_schema(name, composed[name]) if isinstance(composed[name], dict) else None
         if schema is not None:
             wrong += _defaults(schema, composed[name], name)
+    wrong += _defaults(WandbEntry, composed["logger"]["wandb"], "logger.wandb")  # its fields' defaults are conf's
     for method in methods.names():
         wrong += _defaults(methods.module(method).Config, OmegaConf.to_container(compose([f"align={method}"]).align),
                            f"align ({method})")

@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.config.model import GPTConfig
+from pipeline.evaluation.figures import load_curves
 from pipeline.model.gpt import GPT
 
 from conftest import compose_micro, venv_env
@@ -43,7 +44,7 @@ def workspace(tmp_path_factory) -> Path:
         os.chdir(old)
     shutil.copytree(work / "artifacts" / "pretrain", work / "reference")
     shutil.copy(work / "metrics" / "pretrain.json", work / "reference" / "metrics.json")
-    shutil.copy(work / "metrics" / "curves" / "pretrain_train.json", work / "reference" / "curve.json")
+    shutil.copytree(work / "dvclive" / "pretrain", work / "reference" / "dvclive" / "pretrain")
     return work
 
 
@@ -101,8 +102,8 @@ def test_two_processes_match_one_with_the_same_global_batch(workspace, launch):
     multi = json.loads((workspace / "metrics" / "pretrain.json").read_text())
     assert multi["world_size"] == 2 and multi["global_batch_tokens"] == single["global_batch_tokens"]
     assert multi["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
-    curve_1 = json.loads((workspace / "reference" / "curve.json").read_text())
-    curve_2 = json.loads((workspace / "metrics" / "curves" / "pretrain_train.json").read_text())
+    curve_1 = load_curves(workspace / "reference" / "dvclive", ["pretrain"])["pretrain_train"]
+    curve_2 = load_curves(workspace / "dvclive", ["pretrain"])["pretrain_train"]
     assert [r["step"] for r in curve_1] == [r["step"] for r in curve_2]
     for a, b in zip(curve_1, curve_2):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4), (a, b)

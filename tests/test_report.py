@@ -1,4 +1,4 @@
-"""The report stage on the repo's real metrics and curves, plus an evaluate.json with every prompting mode:
+"""The report stage on the repo's real metrics and curves (dvclive/), plus an evaluate.json with every prompting mode:
 header table, figures (valid PNGs that plot the right numbers), the accuracy data DVC plots, clear errors."""
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def synthetic_evaluate() -> dict:
 def workdir(tmp_path, monkeypatch) -> Path:
     """A working directory holding a copy of metrics/ with device, tokens and a run id on the training stages."""
     shutil.copytree(REPO / "metrics", tmp_path / "metrics")
+    shutil.copytree(REPO / "dvclive", tmp_path / "dvclive")  # the training stages' curves (DVCLive's step files)
     for i, stage in enumerate(registry().trained()):
         path = tmp_path / "metrics" / f"{stage}.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "device": DEVICE, "tokens": 1000 * (i + 1),
@@ -111,7 +112,8 @@ def test_modes_evaluate_did_not_measure_are_skipped_and_named(workdir):
 
 
 def test_alignment_figure_plots_the_align_curve(workdir):
-    rows = json.loads(Path("metrics/curves/align_train.json").read_text())
+    rows = figures.load_curves(Path("dvclive"), ["align"])["align_train"]
+    assert [r["step"] for r in rows] == sorted(figures.read_steps(Path("dvclive/align/plots/metrics/train/kl.tsv")))
     fig = figures.alignment(rows, "ppo")
     reward_ax, kl_ax = fig.axes
     for ax, key in ((reward_ax, "train/reward"), (kl_ax, "train/kl")):
@@ -125,13 +127,13 @@ def test_alignment_figure_plots_the_align_curve(workdir):
 
 def test_loss_curves_have_a_panel_per_training_stage(workdir):
     trained = registry().trained()
-    fig = figures.loss_curves(figures.load_curves(Path("metrics/curves")), trained)
+    fig = figures.loss_curves(figures.load_curves(Path("dvclive"), trained), trained)
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     assert titles == trained == ["pretrain", "sft", "reward", "align", "sft_control"]
     pretrain = fig.axes[0]
-    rows = json.loads(Path("metrics/curves/pretrain_val.json").read_text())
+    steps = figures.read_steps(Path("dvclive/pretrain/plots/metrics/val/loss.tsv"))
     val = next(line for line in pretrain.get_lines() if line.get_label() == "val/loss")
-    assert list(val.get_ydata()) == [r["val/loss"] for r in rows]
+    assert list(val.get_xdata()) == list(steps) and list(val.get_ydata()) == list(steps.values())
 
 
 def test_missing_evaluate_names_the_stage_to_run(workdir):

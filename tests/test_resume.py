@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from pipeline.evaluation.figures import read_steps
 from pipeline.io import file_sha256
 
 from conftest import KILLS, compose_micro, seeded_workspace
@@ -231,9 +232,11 @@ def test_resume_ckpt_path_last_continues_a_finished_run_with_raised_max_steps(fi
     fresh = copy_of(finished, tmp_path / "fresh")
     shutil.rmtree(fresh / "outputs")
     fresh_metrics, _ = sft_run(fresh, "sft.max_steps=10")
-    curve = [row["step"] for row in json.loads((work / "metrics/curves/sft_train.json").read_text())]
-    assert curve == [row["step"] for row in json.loads((fresh / "metrics/curves/sft_train.json").read_text())]
-    assert curve[-1] == 10 and metrics["tokens"] == fresh_metrics["tokens"] > 0
+    # DVCLive's files continued: the steps the continued run logged follow the first run's, as in one run (Lightning
+    # logs a step's scalars under the number of steps done before it: 9 is the 10th)
+    curve = list(read_steps(work / "dvclive/sft/plots/metrics/train/loss.tsv"))
+    assert curve == list(read_steps(fresh / "dvclive/sft/plots/metrics/train/loss.tsv"))
+    assert curve[-1] == 9 and metrics["tokens"] == fresh_metrics["tokens"] > 0
     assert metrics["first_train_loss"] == fresh_metrics["first_train_loss"]
     assert metrics["val_loss"] < json.loads((finished / "metrics" / "sft.json").read_text())["val_loss"]
 
@@ -268,7 +271,7 @@ def test_a_bad_resume_ckpt_path_stops_the_stage_before_work(finished, tmp_path, 
     from pipeline.harness.runner import exit_codes
 
     work = copy_of(finished, tmp_path / case)
-    for out in ("artifacts/sft", "metrics/sft.json", "metrics/curves/sft_train.json", "metrics/curves/sft_val.json"):
+    for out in ("artifacts/sft", "metrics/sft.json", "dvclive/sft"):
         shutil.rmtree(work / out) if (work / out).is_dir() else (work / out).unlink()
     bad = Path("outputs") / f"{case}.ckpt"
     if case == "foreign":
@@ -283,7 +286,7 @@ def test_a_bad_resume_ckpt_path_stops_the_stage_before_work(finished, tmp_path, 
     why = "does not exist" if case == "missing" else "does not load as plain tensors and data"
     assert f"resume.ckpt_path: {bad} {why}" in err and "resume.ckpt_path=last" in err, err
     assert counted_steps == []
-    assert not any((work / p).exists() for p in ("artifacts/sft", "metrics/sft.json", "metrics/curves/sft_train.json"))
+    assert not any((work / p).exists() for p in ("artifacts/sft", "metrics/sft.json", "dvclive/sft"))
     assert (work / RESUME_SFT / "state.json").read_bytes() == state
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from pipeline.data.datamodules import ChatData
 from pipeline.data.tokenizer import IGNORE_INDEX
+from pipeline.evaluation.figures import load_curves
 from pipeline.model.gpt import GPT
 from pipeline.model.handoff import load_gpt, load_into, load_reward_model
 from pipeline.model.heads import ScalarHead
@@ -110,7 +111,7 @@ def test_align_logs_trl_metric_names(in_chain):
     assert m["method"] == "ppo"
     for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac_avg", "loss/value_avg"):
         assert m[key] is not None, key
-    rows = json.loads(Path("metrics/curves/align_train.json").read_text())
+    rows = load_curves(Path("dvclive"), ["align"])["align_train"]  # DVCLive's step files, as the report reads them
     assert len(rows) >= 2 and "objective/scores" in rows[0]
 
 

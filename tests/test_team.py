@@ -238,8 +238,9 @@ def test_lineage_follows_what_each_stage_reads_and_writes():
     assert {"pretrain", "sft", "sft_control", "aligned", "reward"} <= set(lineage["evaluate"][0])
     assert lineage["evaluate"][1] == ["evaluation"] and lineage["report"] == (["evaluation"], ["report"])
     assert "reward" not in lineage_of(chain, "align", "align=dpo")  # DPO reads no reward model
-    with pytest.raises(ConfigError, match="logger.artifacts 'copy' is unknown: choose one of reference, files, none"):
-        load_config(compose_micro("logger=wandb", "logger.artifacts=copy"))
+    with pytest.raises(ConfigError, match="logger.wandb.artifacts 'copy' is unknown: choose one of reference, files, "
+                                          "none"):
+        load_config(compose_micro("logger=wandb", "logger.wandb.artifacts=copy"))
 
 
 def lineage_of(chain, stage: str, *overrides: str) -> list[str]:
@@ -301,7 +302,7 @@ def test_wandb_files_record_the_lineage_from_data_to_the_aligned_model(micro_rep
 
 
 def test_a_use_recorded_by_reference_has_the_digest_of_an_uploaded_copy(tmp_path, monkeypatch):
-    """With `logger.artifacts=files` the producer uploads copies while consumers record their use by
+    """With `logger.wandb.artifacts=files` the producer uploads copies while consumers record their use by
     reference (no copy): W&B resolves a use by digest, so both kinds must give the same one, and any
     changed byte another."""
     from pipeline.harness.tracking import build_artifact

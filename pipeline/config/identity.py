@@ -75,7 +75,9 @@ def wandb_init_kwargs(cfg: Config, stage: str) -> dict:
     resolved config with the run identity under `pipeline_run`, the DVC experiment (if any) as a tag.
     Lightning's WandbLogger gets them in the training stages (pipeline.training.loggers), the harness
     opens a run with them for the others (pipeline.harness.tracking)."""
-    lg = cfg.logger
+    lg = cfg.logger.wandb
+    if lg is None:
+        raise ValueError("logger has no wandb entry: W&B runs need it (logger=[wandb,dvclive])")
     identity = run_identity(cfg)
     config = cfg.to_dict()
     config["pipeline_run"] = identity

@@ -19,11 +19,11 @@ from pydantic import ConfigDict, model_validator
 from pipeline.config.align import MIN_PROMPT
 from pipeline.config.data import DataConfig, TokenizerConfig
 from pipeline.config.evaluate import EvaluateConfig
+from pipeline.config.loggers import CallbacksConfig, LoggerConfig
 from pipeline.config.model import ModelConfig
 from pipeline.config.peft import NoPeft, PeftConfig
 from pipeline.config.schema import Schema
 from pipeline.config.training import (
-    LoggerConfig,
     PretrainConfig,
     ResumeConfig,
     RewardConfig,
@@ -67,7 +67,10 @@ class Config(Schema):
     data: DataConfig
     trainer: TrainerConfig
     strategy: StrategyConfig
-    logger: LoggerConfig
+    logger: LoggerConfig = LoggerConfig()
+    """The training stages' loggers, by name (logger=[wandb,dvclive] by default; pipeline.config.loggers)."""
+    callbacks: CallbacksConfig = CallbacksConfig()
+    """Lightning callbacks every training stage adds, by name (callbacks=[early_stopping,...])."""
     align: AlignSelection
     peft: PeftConfig = NoPeft()
     """Full finetuning (none) or LoRA adapters (lora) in the stages it names (pipeline.config.peft)."""

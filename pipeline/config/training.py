@@ -1,6 +1,6 @@
 """The config groups of training: the optimizer (`optim` of every training stage), the pretrain, sft and reward
-stages, the Lightning Trainer (`trainer`), the distributed strategy (`strategy`), resuming (`resume`) and the
-experiment logger (`logger`)."""
+stages, the Lightning Trainer (`trainer`), the distributed strategy (`strategy`), and resuming (`resume`);
+the loggers and callbacks are pipeline.config.loggers."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -222,25 +222,3 @@ class ResumeConfig(Schema):
             # the stage pipeline.training.resume.ResumeCheckpoint records in every checkpoint it writes
             owner = ckpt.get("callbacks", {}).get("ResumeCheckpoint", {}).get("stage", owner)
         return path if owner in (None, stage) else None
-
-
-class LoggerConfig(Schema):
-    """The `logger` group (conf/logger/*.yaml): W&B (offline files by default) or none."""
-
-    where = "logger"
-
-    name: Literal["wandb", "none"] = "wandb"
-    project: str = "gpt-pipeline"
-    entity: str | None = None
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    """Used when WANDB_MODE is not set in the environment."""
-    save_dir: str = "."
-    artifacts: Literal["reference", "files", "none"] = "reference"
-    """W&B artifacts with lineage: reference = each file's MD5 and location (the bytes stay in DVC) | files =
-    upload copies | none."""
-
-    @model_validator(mode="after")
-    def _wandb_project(self):
-        if self.name == "wandb" and not self.project:
-            raise ValueError("@.project is empty: name the W&B project, e.g. gpt-pipeline")
-        return self

@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline.config.data import CORPUS_FILES, CorpusConfig, file_builder
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.io import atomic_dir
+from pipeline.logs import interactive
 
 SPLITS = ("pretrain", "pretrain_val")
 
@@ -198,7 +199,7 @@ def write_shards(docs: Any, tok: ChatTokenizer, out_dir: Path, split: str, cfg: 
             encoded = docs.map(encode, **kwargs)
         # a stream is tokenized as this loop pulls it, so this is its only bar (no total: a stream has no length)
         with Progress(TextColumn(f"writing {split} shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      transient=True) as bar:
+                      transient=True, disable=not interactive()) as bar:  # piped, a transient bar is a blank line
             task = bar.add_task("", total=len(docs) if isinstance(docs, datasets.Dataset) else None)
             for ids, counts in _batches(encoded, cfg.batch_docs, dtype):
                 writer.write(ids)

@@ -14,6 +14,7 @@ process per device scores its share of the problems and rank 0's table is the on
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from pipeline import paths
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from pipeline.registry import StageSpec
 
 REFERENCE, ALIGNED, CONTROL = "sft", "aligned", "sft_control"  # the checkpoints the verdict compares
+SHOWN = ("val_loss", "exact_match", "exact_match_cot", "exact_match_hard", "reward", "kl_to_sft")  # on the console
+
+log = logging.getLogger(__name__)
 
 
 def verdict(results: dict[str, dict[str, float]], method: str, kl_bound: float) -> dict:
@@ -100,13 +104,11 @@ def evaluate(cfg: Config, spec: StageSpec) -> dict:
             model, metas[name] = load_gpt(name, tok.sha256)
             with place.autocast():
                 results[name] = evaluate_checkpoint(place.place(model), tok, prompts, hard, reward_model, sft, e,
-                                                    cfg.seed, ranks)
+                                                    cfg.seed, ranks, name)
             del model  # one checkpoint on the device at a time (besides the reference and the reward model)
-            if ranks.rank == 0:
-                shown = (f"{k}={v:.4g}" for k, v in results[name].items() if "/" not in k)
-                print(f"evaluate {name}: " + ", ".join(shown))
+            log.info("evaluate %s: %s", name, ", ".join(f"{k}={results[name][k]:.4g}" for k in SHOWN))
+            log.debug("evaluate %s, every metric: %s", name, results[name])
             results[name]["run_id"] = metas[name].get("run_id")  # the run that trained it: its code and config
     results["verdict"] = {**verdict(results, str(metas[ALIGNED].get("method")), e.kl_bound), "run_id": run_id(cfg)}
-    if ranks.rank == 0:
-        print("evaluate verdict: " + ", ".join(f"{k}={v}" for k, v in results["verdict"].items()))
+    log.info("evaluate verdict: %s", ", ".join(f"{k}={v}" for k, v in results["verdict"].items()))
     return results

@@ -6,7 +6,6 @@ Figures are built without pyplot (no global state, no GUI backend) and saved as 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -21,9 +20,27 @@ PANEL_KEYS = (("train/loss", "val/loss", "loss"), ("train/reward",))
 KL_KEYS = ("train/kl", "objective/kl", "kl")
 
 
-def load_curves(curves_dir: Path) -> dict[str, list[dict]]:
-    """{"<stage>_<split>": rows} for every curve file the training stages wrote."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(curves_dir.glob("*.json"))}
+def read_steps(path: Path) -> dict[int, float]:
+    """A DVCLive step file (a header, then `step<TAB>value` rows): {step: value}, a later row for a step winning."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
+    return {int(row[0]): float(row[1]) for row in rows}
+
+
+def load_curves(live_root: Path, stages: list[str]) -> dict[str, list[dict]]:
+    """{"<stage>_<split>": rows of {"step": n, name: value}} from each of `stages`' DVCLive step files under
+    `live_root` (dvclive/<stage>/plots/metrics/<name>.tsv): split `val` for the val/ scalars, `train` for the rest."""
+    curves: dict[str, list[dict]] = {}
+    for stage in stages:
+        metrics_dir = live_root / stage / "plots" / "metrics"
+        by_split: dict[str, dict[int, dict]] = {}
+        for path in sorted(metrics_dir.rglob("*.tsv")):
+            name = path.relative_to(metrics_dir).with_suffix("").as_posix()
+            rows = by_split.setdefault("val" if name.startswith("val/") else "train", {})
+            for step, value in read_steps(path).items():
+                rows.setdefault(step, {"step": step})[name] = value
+        for split, rows in by_split.items():
+            curves[f"{stage}_{split}"] = [rows[s] for s in sorted(rows)]
+    return curves
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -60,7 +77,7 @@ def loss_curves(curves: dict[str, list[dict]], trained: list[str]) -> Figure:
     validation) over steps."""
     stages = [s for s in trained if curves.get(f"{s}_train") or curves.get(f"{s}_val")]
     if not stages:
-        raise FileNotFoundError("no training curves in metrics/curves/: run the training stages first (dvc repro)")
+        raise FileNotFoundError("no training curves in dvclive/: run the training stages first (dvc repro)")
     cols = min(3, len(stages))
     rows = -(-len(stages) // cols)
     fig = Figure(figsize=(4 * cols, 3.2 * rows), layout="constrained")
@@ -114,7 +131,7 @@ def alignment(rows: list[dict], method: str = "") -> Figure:
     panels = [(k, "reward", "reward") for k in ("train/reward",) if any(k in r for r in rows)]
     panels += [(k, "KL to the reference", "KL (nats)") for k in KL_KEYS if any(k in r for r in rows)][:1]
     if not panels:
-        raise ValueError("metrics/curves/align_train.json has no train/reward or KL column: rerun the align stage")
+        raise ValueError("dvclive/align/plots/metrics/ has no train/reward or KL step file: rerun the align stage")
     fig = Figure(figsize=(5 * len(panels), 3.2), layout="constrained")
     for ax, (key, title, unit) in zip(fig.subplots(1, len(panels), squeeze=False).ravel(), panels):
         steps, values = series(rows, key)

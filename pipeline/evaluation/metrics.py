@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 
 from pipeline.config.evaluate import EvaluateConfig
 from pipeline.data.tasks import check, final_answer
@@ -36,6 +35,7 @@ from pipeline.inference.placement import Ranks
 from pipeline.inference.prompting import FewShotPool, PromptTemplates, few_shot_prompt
 from pipeline.inference.sampling import SamplingConfig, chunk_seed, generate
 from pipeline.inference.sequences import build_sequences, response_positions
+from pipeline.logs import progress
 from pipeline.model.gpt import GPT
 from pipeline.model.heads import ScalarHead
 
@@ -178,14 +178,14 @@ def prompting_rows(tok: ChatTokenizer, split: PromptSet, chunks: list[ChunkScore
 
 def evaluate_checkpoint(model: GPT, tok: ChatTokenizer, prompts: PromptSet, hard: PromptSet,
                         reward_model: ScalarHead, sft: GPT, cfg: EvaluateConfig, seed: int,
-                        ranks: Ranks = Ranks()) -> dict[str, float]:
+                        ranks: Ranks = Ranks(), name: str = "checkpoint") -> dict[str, float]:
     """Every metric of `model` (module docstring); this rank scores its share of the chunks, and every rank
-    returns the metrics of all of them."""
+    returns the metrics of all of them. `name` labels the progress bar."""
     n_eval = math.ceil(len(prompts.rows) / cfg.batch_size)
     work = ([(prompts, c, Judges(reward_model, sft)) for c in range(n_eval)]
             + [(hard, c, None) for c in range(math.ceil(len(hard.rows) / cfg.batch_size))])
     mine = {i: score_chunk(model, tok, work[i][0], work[i][1], cfg, work[i][2], seed)
-            for i in track(ranks.mine(len(work)), description="evaluating", transient=True)}
+            for i in progress(ranks.mine(len(work)), f"evaluating {name}")}
     gathered = {i: scores for share in ranks.gather(mine) for i, scores in share.items()}
     chunks = [gathered[i] for i in range(len(work))]
     ev, hd = chunks[:n_eval], chunks[n_eval:]

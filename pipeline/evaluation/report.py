@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline import paths
 from pipeline.config.identity import run_identity
 from pipeline.evaluation import figures
 from pipeline.io import atomic_dir, write_json
@@ -99,7 +100,7 @@ def iteration_lines(align: dict) -> list[str]:
 def render(cfg: Config, stages: dict[str, dict], run: dict, figure_names: list[str] | tuple[str, ...] = ()) -> str:
     """The report's Markdown; `run` is the run identity (pipeline.config.identity.run_identity),
     `figure_names` the PNGs written to reports/figures/ (linked relatively)."""
-    choices = {"strategy": cfg.strategy.name, "logger": cfg.logger.name}
+    choices = {"strategy": cfg.strategy.name, "logger": ", ".join(cfg.logger.names()) or "none"}
     m = cfg.model
     code = " with uncommitted code changes" if run["git_dirty"] else ""
     experiment = f", DVC experiment `{run['dvc_experiment']}`" if run["dvc_experiment"] else ""
@@ -157,11 +158,13 @@ def missing_modes(results: dict[str, dict]) -> list[str]:
             if not any(isinstance(r, dict) and r.get(key + suffix) is not None for r in results.values())]
 
 
-def write_report(cfg: Config, metrics_dir: Path, reports_dir: Path, order: list[str], trained: list[str]) -> dict:
+def write_report(cfg: Config, metrics_dir: Path, reports_dir: Path, order: list[str], trained: list[str],
+                 live_root: Path = paths.LIVE) -> dict:
     """reports_dir/report.md, its figures in reports_dir/figures/ and reports_dir/accuracy.json, from the
-    metrics of the stages in `order` (the chain's) and the curves of those in `trained`."""
+    metrics of the stages in `order` (the chain's) and the curves DVCLive wrote under `live_root` for those in
+    `trained`."""
     stages = load_stages(metrics_dir, order)
-    curves = figures.load_curves(metrics_dir / "curves")
+    curves = figures.load_curves(live_root, trained)
     results = {k: v for k, v in stages[EVALUATE].items() if k != "verdict"}
     drawn = {"loss_curves": figures.loss_curves(curves, trained), "accuracy": figures.accuracy(results)}
     if curves.get(f"{ALIGN}_train"):

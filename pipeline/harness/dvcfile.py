@@ -28,7 +28,7 @@ HEADER = """\
 #
 # Each stage: its inputs, the checkpoints it may read and every file of code its process may import as deps,
 # only the config keys that change its outputs as params (params.yaml is composed from conf/), fixed output
-# paths, small JSON metrics kept in git, training curves as plots.
+# paths, small JSON metrics kept in git, DVCLive's files of the training stages as metrics and plots.
 """
 
 
@@ -56,10 +56,6 @@ def code_deps(stage: str, root: Path = paths.PROJECT_ROOT) -> list[str]:
     return sorted(str(d) for d in deps)
 
 
-def _curve(stage: str, split: str) -> str:
-    return str(paths.curve_file(stage, split))
-
-
 def stage_entry(stage: Stage) -> dict:
     spec = stage.spec
     entry: dict = {"desc": spec.desc, "cmd": f"python -m stages.{spec.name}",
@@ -68,12 +64,14 @@ def stage_entry(stage: Stage) -> dict:
         entry["params"] = list(spec.params)
     outs: list = [str(c.path) for c in spec.writes]
     outs += [o.path if o.cache else {o.path: {"cache": False}} for o in spec.outs]
-    outs += [{_curve(spec.name, c.split): {"cache": False}} for c in spec.curves if not isinstance(c.y, str)]
     if outs:
         entry["outs"] = outs
     entry["metrics"] = [{str(spec.metrics_file): {"cache": False}}]
-    plots = [{_curve(spec.name, c.split): {"cache": False, "x": "step", "y": c.y}} for c in spec.curves
-             if isinstance(c.y, str)]
+    plots = []
+    if spec.live:  # DVCLive's files, rewritten as the stage trains: every scalar's step file is a plot
+        live_metrics, live_plots = spec.live
+        entry["metrics"].append({str(live_metrics): {"cache": False}})
+        plots.append({str(live_plots): {"cache": False, "x": "step"}})
     for p in spec.plots:
         options = {"cache": False, **({"template": p.template} if p.template else {}),
                    **({"x": p.x} if p.x else {}), **({"y": p.y} if p.y else {})}
@@ -85,8 +83,9 @@ def stage_entry(stage: Stage) -> dict:
 
 def dvc_yaml(chain: Chain) -> dict:
     """dvc.yaml as data: the stages, the plots over several columns, the artifact registry."""
-    multi = [{_curve(s.name, c.split): {"x": "step", "y": list(c.y)}} for s in chain for c in s.spec.curves
-             if not isinstance(c.y, str)]
+    multi = [{f"{s.name}_{c.name}": {"x": "step", "y": {str(paths.live_metric(s.name, y)): y.rsplit("/", 1)[-1]
+                                                        for y in c.y}}}
+             for s in chain for c in s.spec.curves]
     registry = {a.name: {"path": a.path, "type": a.type, "desc": a.desc, "labels": list(a.labels)}
                 for a in chain.artifacts() if a.in_dvc}
     return {"stages": {s.name: stage_entry(s) for s in chain}, "plots": multi, "artifacts": registry}

@@ -5,13 +5,16 @@ stage=<name>` (Hydra, single or multirun) and the tests. In order: the config is
 (pipeline.config.root), the environment set up, the stage's own checks of its inputs run (its
 module's `check`), then its `run(cfg, spec)`, whose flat metrics get the wall time and the run id and go
 to `metrics/<name>.json`; last, the stage's W&B run is closed with its metrics and artifact lineage
-(pipeline.harness.tracking). A refused config or input stops the stage before any work, exit code 2; a
-NaN/inf loss stops training with the last good checkpoint kept, exit code 3; SLURM's requeue signal stops it
-with a checkpoint committed and the job requeued, exit code 75 (pipeline.training.resume).
+(pipeline.harness.tracking). It all runs inside pipeline.logs.stage_logging (a concise console, a DEBUG file per
+run in outputs/logs/<stage>/) and ends with one console line of the stage's time and key metrics. A refused
+config or input stops the stage before any work, exit code 2; a NaN/inf loss stops training with the last good
+checkpoint kept, exit code 3; SLURM's requeue signal stops it with a checkpoint committed and the job requeued,
+exit code 75 (pipeline.training.resume).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -26,13 +29,17 @@ from pipeline.config.root import Config, load_config
 from pipeline.dist import global_rank
 from pipeline.harness.tracking import close_stage_run
 from pipeline.io import write_json
+from pipeline.logs import install_console, stage_logging, summary_line
 from pipeline.registry import Chain, StageSpec
+
+log = logging.getLogger(__name__)
 
 
 def setup_environment(cfg: Config) -> None:
     """Offline-first defaults; the user's environment always wins."""
-    os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
-    if cfg.logger.name == "wandb" and os.environ["WANDB_MODE"] == "online":
+    wandb = cfg.logger.wandb
+    os.environ.setdefault("WANDB_MODE", wandb.mode if wandb else "disabled")
+    if wandb and os.environ["WANDB_MODE"] == "online":
         from pipeline.harness.wandb_mode import fall_back_offline_without_server
         fall_back_offline_without_server()  # no network: offline files in seconds, not a failure after ~100 s
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -40,6 +47,8 @@ def setup_environment(cfg: Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HOME", str(paths.HF_HOME))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # datasets' tqdm bars, piped, are a line per redraw (read at its import)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     t = cfg.trainer
     if t.num_threads or t.matmul_precision:
         import torch
@@ -51,25 +60,30 @@ def setup_environment(cfg: Config) -> None:
 
 def run_stage(chain: Chain, name: str, raw: Any) -> dict:
     """Run stage `name` of `chain` (or `all` of them, in order) on the composed config `raw`."""
+    install_console()  # even a config refused before the stage's log file opens is reported on the console
     cfg = load_config(raw)  # a bad config stops here, before anything
     if name == "all":
         return {stage.name: run_stage(chain, stage.name, cfg) for stage in chain}
     stage = chain[name]
-    setup_environment(cfg)  # before the stage imports datasets/wandb, which read it at import time
-    stage.check(cfg)  # bad inputs stop the stage here, before any work or output
-    check_resume_path(cfg, stage.spec)
-    start = time.time()
-    try:
-        metrics = stage.run(cfg)
-    except BaseException:
-        close_stage_run(chain, stage.spec, cfg, None)  # a W&B run the stage opened ends as failed
-        raise
-    if not any(isinstance(v, dict) for v in metrics.values()):  # evaluate's table stays {checkpoint: {...}}
-        metrics = {**metrics, "wall_time_s": round(time.time() - start, 2), "run_id": run_id(cfg)}
-    if global_rank() == 0:  # under DDP/FSDP every rank runs the stage; one writes its metrics
-        write_json(stage.spec.metrics_file, metrics)
-        finish_resume_state(name)
-        close_stage_run(chain, stage.spec, cfg, metrics)  # summary, artifacts and lineage
+    with stage_logging(name) as log_path:
+        log.debug("config of run %s, log file %s", run_id(cfg), log_path)
+        setup_environment(cfg)  # before the stage imports datasets/wandb, which read it at import time
+        stage.check(cfg)  # bad inputs stop the stage here, before any work or output
+        check_resume_path(cfg, stage.spec)
+        start = time.time()
+        try:
+            metrics = stage.run(cfg)
+        except BaseException:
+            close_stage_run(chain, stage.spec, cfg, None)  # a W&B run the stage opened ends as failed
+            raise
+        seconds = time.time() - start
+        if not any(isinstance(v, dict) for v in metrics.values()):  # evaluate's table stays {checkpoint: {...}}
+            metrics = {**metrics, "wall_time_s": round(seconds, 2), "run_id": run_id(cfg)}
+        if global_rank() == 0:  # under DDP/FSDP every rank runs the stage; one writes its metrics
+            write_json(stage.spec.metrics_file, metrics)
+            finish_resume_state(name)
+            close_stage_run(chain, stage.spec, cfg, metrics)  # summary, artifacts and lineage
+        log.info(summary_line(name, metrics, seconds))
     return metrics
 
 
@@ -89,22 +103,23 @@ def finish_resume_state(name: str) -> None:
 
 @contextmanager
 def exit_codes(name: str) -> Iterator[None]:
-    """A refused config or input: its message on stderr, exit code 2 (no traceback: the message names the fix).
+    """A refused config or input: its message logged (on stderr), exit code 2 (no traceback: the message names the fix;
+    the stage's log file holds it).
     A NaN/inf loss: exit code 3 (the last good resume checkpoint is kept). SLURM's requeue signal: exit code 75
     (EX_TEMPFAIL; the checkpoint is committed and the job requeued: its rerun resumes)."""
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
-        print(f"error in stage {name!r}: {err}", file=sys.stderr)
+        log.error("error in stage %r: %s", name, err)
         raise SystemExit(2) from None
     except FloatingPointError as err:
-        print(f"error in stage {name!r}: {err}", file=sys.stderr)
+        log.error("error in stage %r: %s", name, err)
         raise SystemExit(3) from None
     except Exception as err:
         resume = sys.modules.get("pipeline.training.resume")  # loaded by any stage that trained: no torch import here
         if resume is None or not isinstance(err, resume.Requeued):
             raise
-        print(f"stage {name!r} requeued: {err}", file=sys.stderr)
+        log.warning("stage %r requeued: %s", name, err)
         raise SystemExit(resume.REQUEUE_EXIT_CODE) from None
 
 

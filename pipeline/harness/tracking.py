@@ -15,11 +15,12 @@ linked (data -> tokenizer -> pretrain -> sft -> reward -> aligned -> evaluation 
 SDK refuses `use_artifact` outright (it cannot look names up), so there the same record goes through
 `Run._log_artifact`, to be linked when `wandb sync` uploads it.
 
-`logger.artifacts`: `reference` (default) records each file's MD5 and `file://` location, not its
+`logger.wandb.artifacts`: `reference` (default) records each file's MD5 and `file://` location, not its
 bytes, which DVC's cache and remote already hold; `files` uploads copies; `none` logs no artifacts.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ from pipeline.registry import Artifact, Chain, StageSpec
 
 if TYPE_CHECKING:
     from pipeline.config.root import Config
+
+log = logging.getLogger(__name__)
 
 
 def stage_lineage(chain: Chain, spec: StageSpec, cfg: Config) -> tuple[list[Artifact], list[Artifact]]:
@@ -60,7 +63,7 @@ def build_artifact(spec: Artifact, mode: str, metadata: dict | None = None):
 
 def log_lineage(run, chain: Chain, spec: StageSpec, cfg: Config, metrics: dict) -> dict[str, list[str]]:
     """Record on `run` the objects the stage used and made (see the module doc); returns their names."""
-    mode = cfg.logger.artifacts
+    mode = cfg.logger.wandb.artifacts
     if mode == "none":
         return {"used": [], "made": []}
     used, made = stage_lineage(chain, spec, cfg)
@@ -88,7 +91,7 @@ def log_lineage(run, chain: Chain, spec: StageSpec, cfg: Config, metrics: dict) 
 def close_stage_run(chain: Chain, spec: StageSpec, cfg: Config, metrics: dict | None) -> None:
     """Finish the stage's W&B run; on success (`metrics` given) first put the metrics in its summary and
     log its artifacts, opening the run if the stage had none (the stages that do not train)."""
-    if cfg.logger.name != "wandb":
+    if cfg.logger.wandb is None:  # W&B runs and lineage come with the wandb logger only
         return
     wandb = sys.modules.get("wandb")  # imported by the stage if it opened a run
     run = wandb.run if wandb else None
@@ -111,5 +114,5 @@ def close_stage_run(chain: Chain, spec: StageSpec, cfg: Config, metrics: dict | 
     logged = log_lineage(run, chain, spec, cfg, metrics)
     run.finish()
     if logged["used"] or logged["made"]:
-        print(f"W&B lineage of {spec.name}: used {', '.join(logged['used']) or 'nothing'}; "
-              f"made {', '.join(logged['made']) or 'nothing'}", file=sys.stderr)
+        log.info("W&B lineage of %s: used %s; made %s", spec.name, ", ".join(logged["used"]) or "nothing",
+                 ", ".join(logged["made"]) or "nothing")

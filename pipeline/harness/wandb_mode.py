@@ -8,13 +8,15 @@ files land in wandb/ as in the default mode, and `wandb sync` uploads them later
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 import threading
 from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 def server_answers(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
@@ -53,6 +55,5 @@ def fall_back_offline_without_server(timeout_s: float = PROBE_TIMEOUT_S) -> None
         return
     os.environ["WANDB_MODE"] = "offline"
     where = urlparse(target if "//" in target else f"//{target}").hostname or "the W&B server"
-    print(f"warning: WANDB_MODE=online but {where} did not answer within "
-          f"{timeout_s:g} s (no network?): logging offline to wandb/ instead; upload later with "
-          "`wandb sync wandb/offline-run-*`", file=sys.stderr, flush=True)
+    log.warning("WANDB_MODE=online but %s did not answer within %g s (no network?): logging offline to wandb/ "
+                "instead; upload later with `wandb sync wandb/offline-run-*`", where, timeout_s)

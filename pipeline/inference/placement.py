@@ -174,6 +174,9 @@ def launch(t: TrainerConfig) -> Iterator[tuple[Placement, Ranks]]:
         yield Placement.from_config(t), Ranks()
         return
     from lightning.fabric import Fabric
+
+    from pipeline.logs import adopt_lightning
+    adopt_lightning()
     kind = accelerator_type(t)
     fabric = Fabric(accelerator=kind, devices=t.devices, num_nodes=t.num_nodes, strategy="ddp")
     fabric.launch()

@@ -25,6 +25,8 @@ from pipeline.model.logprobs import sequence_logprobs
 class ScalarHead(nn.Module):
     """A GPT backbone read out to one number per sequence (reward model, PPO critic)."""
 
+    frozen = ("frozen_lm",)  # in eval mode while the head trains (pipeline.training.objective.Objective.frozen)
+
     def __init__(self, backbone: GPT, likelihood_term: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
@@ -36,7 +38,7 @@ class ScalarHead(nn.Module):
         self.likelihood_term = likelihood_term
         if likelihood_term:  # a critic has neither: an unused parameter would trouble DDP
             self.lm_scale = nn.Parameter(torch.ones(1))  # 1-D: FSDP2 cannot shard a 0-d parameter
-            self.frozen_lm = copy.deepcopy(backbone).requires_grad_(False).eval()
+            self.frozen_lm = copy.deepcopy(backbone).requires_grad_(False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         key = prefix + "lm_scale"

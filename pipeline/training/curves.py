@@ -1,17 +1,15 @@
-"""What a training stage logged, kept for its metrics, its DVC plots and the report.
+"""What a training stage logged, kept in memory for the stage's summary metrics.
 
-`CurveRecorder` keeps every logged scalar per step and writes `metrics/curves/<stage>_train.json` and
-`<stage>_val.json` (DVC plots); `mean_of` and `first_last` summarise them into a stage's metrics.
+The curves on disk are the loggers' (DVCLive's dvclive/<stage>/ are the DVC plots and the report's figures,
+pipeline.training.loggers); `CurveRecorder` keeps the same scalars per step in the process, whatever loggers
+are configured, with the run's totals, and `mean_of` and `first_last` summarise them into a stage's metrics.
 """
 from __future__ import annotations
-
-import json
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from pipeline import paths
 from pipeline.training.hardware import describe_device
 
 
@@ -31,12 +29,9 @@ def first_last(rows: list[dict], keys: tuple[str, ...]) -> dict[str, float | Non
 
 
 class CurveRecorder(Callback):
-    """Keeps every logged scalar, so a stage can write its curves as DVC plots, and the run's totals.
-
-    Rows are written to `metrics/curves/<stage>_train.json` and `<stage>_val.json` (lists of
-    {"step": n, metric: value or null}), which dvc.yaml declares as plots. `totals` is {"device": what it
-    trained on, "tokens": the tokens of every training batch, all ranks together}, for the stage's
-    metrics and the report.
+    """Keeps every logged scalar per step (`train`, `val`: lists of {"step": n, metric: value}) and the run's
+    totals, for the stage's metrics. `totals` is {"device": what it trained on, "tokens": the tokens of every
+    training batch, all ranks together}, for the stage's metrics and the report.
     """
 
     def __init__(self, stage: str) -> None:
@@ -82,13 +77,3 @@ class CurveRecorder(Callback):
                 tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
             tokens = int(tokens)
         self.totals = {"device": describe_device(pl_module.device, trainer.world_size), "tokens": tokens}
-
-    def write(self) -> None:
-        paths.CURVES.mkdir(parents=True, exist_ok=True)
-        for split, rows in (("train", self.train), ("val", self.val)):
-            path = paths.curve_file(self.stage, split)
-            if rows:  # every row with every key (null where not logged): DVC plots only rows whose keys match
-                keys = list(dict.fromkeys(k for row in rows for k in row))
-                path.write_text(json.dumps([{k: row.get(k) for k in keys} for row in rows]) + "\n")
-            else:  # a run that logged no such curve leaves none behind from an earlier run
-                path.unlink(missing_ok=True)

@@ -1,8 +1,9 @@
 """Peak FLOP/s per accelerator, for model FLOPs utilisation (MFU = achieved FLOP/s ÷ peak).
 
-Dense (no sparsity) tensor-core peaks from the vendors' data sheets, per precision class: `bf16`
-(bf16/fp16 autocast or true half) and `tf32` (fp32 weights, where matmuls run in TF32). A device not
-in the table gives no MFU unless `trainer.peak_tflops` names its peak.
+The peak is Lightning's device table (lightning.fabric.utilities.throughput.get_available_flops: CUDA GPUs by the
+name torch reports, per dtype; fp32 counts as TF32 on Ampere and later unless matmul precision is "highest").
+`trainer.peak_tflops` overrides it: for a device the table lacks (Lightning warns "FLOPs not found" and MFU is
+left out) or to count against a different peak. A CPU has no listed peak.
 """
 from __future__ import annotations
 
@@ -10,18 +11,17 @@ import platform
 
 import torch
 
-# name fragment (as torch.cuda.get_device_name reports it, lower case) -> {precision class: TFLOP/s}
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "h200": {"bf16": 989.0, "tf32": 494.5},
-    "h100": {"bf16": 989.0, "tf32": 494.5},
-    "a100": {"bf16": 312.0, "tf32": 156.0},
-    "l4": {"bf16": 121.0, "tf32": 60.0},
-    "v100": {"bf16": 125.0, "tf32": 15.7},  # fp16 tensor cores; V100 has no bf16/tf32
-}
 
-
-def precision_class(precision: str) -> str:
-    return "bf16" if str(precision).startswith(("bf16", "16")) else "tf32"
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype matmuls run in under Lightning `precision` ("bf16-mixed" -> bfloat16, "32-true" -> float32)."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    if precision.startswith("64"):
+        return torch.float64
+    return torch.float32
 
 
 def device_name(device: torch.device | str) -> str:
@@ -42,11 +42,13 @@ def describe_device(device: torch.device | str, processes: int = 1) -> str:
 
 
 def peak_flops(device: torch.device | str, precision: str, override_tflops: float | None = None) -> float | None:
-    """Peak FLOP/s of one `device` at `precision`, or None when unknown (CPU, unlisted GPU)."""
+    """Peak FLOP/s of one `device` at `precision`: `override_tflops` (trainer.peak_tflops) if set, else Lightning's
+    table; None when unknown (CPU, an unlisted GPU)."""
     if override_tflops:
         return float(override_tflops) * 1e12
-    name = device_name(device).lower()
-    for fragment, peaks in PEAK_TFLOPS.items():
-        if fragment in name:
-            return peaks[precision_class(precision)] * 1e12
-    return None
+    device = torch.device(device)
+    if device.type not in ("cuda", "xla"):
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+    flops = get_available_flops(device, compute_dtype(precision))
+    return float(flops) if flops else None

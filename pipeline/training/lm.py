@@ -99,10 +99,10 @@ def pretrain(cfg: Config, spec: StageSpec) -> dict:
                "ln_vocab": math.log(tok.vocab_size), "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec"),
                "mfu": mean_of(curves.train, "train/mfu"), "global_batch_tokens": batch_tokens,
                "accumulate": trainer.accumulate_grad_batches, "world_size": trainer.world_size,
-               "tokens_seen": p.max_steps * batch_tokens, "n_params": model.num_params(), **curves.totals}
+               "tokens_seen": trainer.global_step * batch_tokens, "n_params": model.num_params(), **curves.totals}
     if source is not None:
         metrics["init_from"] = str(source)
-    save_trained_gpt(trainer, module, spec.writes[0].name, cfg, tok, step=p.max_steps, metrics=metrics)
+    save_trained_gpt(trainer, module, spec.writes[0].name, cfg, tok, step=trainer.global_step, metrics=metrics)
     return metrics
 
 
@@ -129,7 +129,8 @@ def finetune(cfg: Config, spec: StageSpec, steps: int, optim: OptimConfig | None
     if adapters:  # only then: the meta and metrics of full finetuning stay as they were
         metrics.update(lora.param_counts(module.model))
         meta.update(lora.adapter_meta(cfg.peft, module.model))
-    save_trained_gpt(trainer, module, spec.writes[0].name, cfg, tok, step=steps, metrics=metrics, **meta)
+    save_trained_gpt(trainer, module, spec.writes[0].name, cfg, tok, step=trainer.global_step, metrics=metrics,
+                     **meta)
     return metrics
 
 

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.config.training import OptimConfig
 from pipeline.dist import data_parallel
+from pipeline.logs import adopt_lightning
 from pipeline.model.gpt import GPT
 from pipeline.model.heads import ScalarHead
 from pipeline.training.hardware import peak_flops
@@ -41,9 +42,16 @@ class Objective(L.LightningModule):
 
     flops_per_token: float | None = None
     """Training FLOPs per token of the model being trained; subclasses that know it set it (for MFU)."""
+    frozen: tuple[str, ...] = ()
+    """Attributes naming frozen submodules (a reference model, a reward model) that run in eval mode while the rest
+    trains; any submodule may declare its own (ScalarHead: its frozen LM). Lightning warns at the start of training
+    about every module in eval mode, to catch one left there by mistake (a loaded checkpoint is in eval mode):
+    the declared ones are put in train mode for that check (`on_fit_start`) and in eval mode right after it
+    (`on_train_start`), so the warning keeps its use for every other module."""
 
     def __init__(self, optim: OptimConfig, max_steps: int) -> None:
         super().__init__()
+        adopt_lightning()  # before the Trainer logs: Lightning's lines go where pipeline.logs sends them
         self.optim_cfg = optim
         self.max_steps = max_steps
         self.peak_tflops: float | None = None  # trainer.peak_tflops, set by pipeline.training.trainer.fit
@@ -132,6 +140,22 @@ class Objective(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._peak = peak_flops(self.device, str(self.trainer.precision), self.peak_tflops)
+        for frozen in self.frozen_modules():  # nothing runs between here and on_train_start (no sanity check)
+            frozen.train()
+
+    def on_train_start(self) -> None:
+        """The frozen submodules to eval mode, for all of training (no dropout in them): Lightning's validation
+        loop restores each module's own mode after it."""
+        for frozen in self.frozen_modules():
+            frozen.eval()
+
+    def on_fit_end(self) -> None:
+        for frozen in self.frozen_modules():  # a run resumed at its last step ran no loop, no on_train_start
+            frozen.eval()
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """The submodules named by `frozen` on this module or any of its submodules."""
+        return [getattr(m, attr) for m in self.modules() for attr in getattr(m, "frozen", ()) if hasattr(m, attr)]
 
     def count_tokens(self, n_tokens: int | torch.Tensor) -> None:
         """Add a training batch's tokens to `tokens_trained` (which `pipeline.training.trainer.fit` reports)."""

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import lightning as L
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 
 from pipeline import paths
 from pipeline.config.training import OnPolicyConfig, OptimConfig
@@ -31,6 +30,7 @@ from pipeline.data.splits import load_split
 from pipeline.data.tasks import check
 from pipeline.data.tokenizer import ChatTokenizer, load_tokenizer
 from pipeline.inference.sampling import SamplingConfig, chunk_seed, generate
+from pipeline.logs import progress
 from pipeline.model import lora
 from pipeline.model.gpt import GPT
 from pipeline.model.handoff import checkpoint_meta, load_gpt, save_checkpoint
@@ -90,7 +90,7 @@ def on_policy_pairs(policy: GPT, tok: ChatTokenizer, rows: list[dict], samples: 
     starts = range(0, len(repeated), batch_size)
     device = policy.wte.weight.device
     mine: dict[int, list[tuple[str, bool]]] = {}
-    for chunk in track(shares(len(starts)), description="sampling on-policy pairs", transient=True):
+    for chunk in progress(shares(len(starts)), "sampling on-policy pairs", transient=True):
         rows_in = repeated[starts[chunk]:starts[chunk] + batch_size]
         g = torch.Generator(device=device).manual_seed(chunk_seed(seed, chunk))
         responses = generate(policy, [tok.prompt(r["prompt"]) for r in rows_in], cfg, stop_id=tok.end_id,
@@ -136,7 +136,7 @@ def accuracy_by_corruption(model: ScalarHead, data: PreferenceData) -> dict[str,
     """Held-out pairwise accuracy per corruption type (easy ones vs near misses)."""
     model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
-    for i in track(range(0, len(data.val_set), 128), description="scoring held-out pairs", transient=True):
+    for i in progress(range(0, len(data.val_set), 128), "scoring held-out pairs", transient=True):
         batch = data.collate(data.val_set[i:i + 128])
         batch = {k: v.to(model.head.weight.device) for k, v in batch.items()}
         r = model(batch["input_ids"], batch["last"], response_mask=batch["response_mask"])
@@ -191,7 +191,7 @@ def train_reward_model(cfg: Config, spec: StageSpec) -> dict:
         metrics.update(lora.param_counts(model))
         trained = lora.adapter_meta(cfg.peft, model)
         model.backbone = lora.merge(model.backbone)  # a plain reward model, as PPO loads it
-    save_checkpoint(spec.writes[0].name, model, checkpoint_meta(cfg, tok, model.backbone, "reward",
-                                                               step=r.max_steps, likelihood_term=r.likelihood_term,
-                                                               metrics=metrics, **trained))
+    meta = checkpoint_meta(cfg, tok, model.backbone, "reward", step=trainer.global_step,  # early stopping may end it
+                           likelihood_term=r.likelihood_term, metrics=metrics, **trained)
+    save_checkpoint(spec.writes[0].name, model, meta)
     return metrics

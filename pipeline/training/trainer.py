@@ -6,7 +6,7 @@ edit. Each stage passes its own step budget and validation cadence.
 """
 from __future__ import annotations
 
-import sys
+import logging
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -19,13 +19,15 @@ from pipeline.model.gpt import GPT, Block
 from pipeline.model.handoff import checkpoint_meta, save_checkpoint
 from pipeline.model.lora import is_adapted, merged_gpt
 from pipeline.training.curves import CurveRecorder
-from pipeline.training.loggers import build_logger
+from pipeline.training.loggers import build_callbacks, build_loggers, log_config, tidy_resumed
 from pipeline.training.resume import RequeueSignal, ResumeCheckpoint, ResumeState
 
 if TYPE_CHECKING:
     from pipeline.config.root import Config
     from pipeline.data.tokenizer import ChatTokenizer
     from pipeline.registry import StageSpec
+
+log = logging.getLogger(__name__)
 
 
 def build_strategy(cfg: Config):
@@ -59,13 +61,16 @@ def build_trainer(cfg: Config, stage: str, *, max_steps: int = -1, max_epochs: i
                   val_every: int | None = None, val_batches: int | float = 1.0,
                   grad_clip: float | None = None, accumulate: int = 1, log_every: int | None = None,
                   callbacks: list[Callback] | None = None, global_batch_tokens: int | None = None,
-                  micro_batch_tokens: int | None = None, run_id: str | None = None) -> L.Trainer:
+                  micro_batch_tokens: int | None = None, run_id: str | None = None,
+                  resuming: bool = False) -> L.Trainer:
     """A Trainer for `stage` on the configured accelerator, devices, nodes and strategy (every training stage,
     the RLHF ones included). With `global_batch_tokens`, gradient accumulation is derived from it:
-    global tokens = micro_batch_tokens x world size x accumulate, and must divide exactly."""
+    global tokens = micro_batch_tokens x world size x accumulate, and must divide exactly. The loggers and the
+    configured callbacks come from the `logger` and `callbacks` groups (pipeline.training.loggers), after the
+    stage's own `callbacks`."""
     t = cfg.trainer
     log_every = log_every or t.log_every_n_steps
-    callbacks = list(callbacks or [])
+    callbacks = [*(callbacks or []), *build_callbacks(cfg)]
     show_bar = t.progress_bar
     if show_bar:  # redrawn on logging steps only: the default redraws (and reads the loss) every step
         from lightning.pytorch.callbacks import RichProgressBar
@@ -76,7 +81,7 @@ def build_trainer(cfg: Config, stage: str, *, max_steps: int = -1, max_epochs: i
         val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1,
         limit_val_batches=val_batches, num_sanity_val_steps=0,
         gradient_clip_val=grad_clip, accumulate_grad_batches=accumulate,
-        log_every_n_steps=log_every, logger=build_logger(cfg, stage, run_id),
+        log_every_n_steps=log_every, logger=build_loggers(cfg, stage, run_id, resuming) or False,
         callbacks=callbacks, enable_checkpointing=False, deterministic=t.deterministic,
         default_root_dir=str(paths.lightning_dir(stage)), enable_model_summary=False, enable_progress_bar=show_bar,
         use_distributed_sampler=False,  # every datamodule splits its global batches over ranks itself
@@ -158,7 +163,7 @@ def save_trained_gpt(trainer: L.Trainer, module: L.LightningModule, name: str, c
 
 def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: Config, spec: StageSpec,
         validate: bool = True, **trainer_kwargs) -> tuple[L.Trainer, CurveRecorder, dict[str, float]]:
-    """Train `module` on `datamodule`, validate once more at the end, write curves.
+    """Train `module` on `datamodule` and validate once more at the end; the loggers write the curves as it goes.
 
     Checkpoints every `resume.every_n_steps`, at the last step and on SLURM's requeue signal into
     `outputs/resume/<stage>/` (pipeline.training.resume); resumes a killed run of the same config from there,
@@ -172,10 +177,11 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: Confi
     curves = CurveRecorder(stage)
     requeue = RequeueSignal(resume) if under_slurm() else None
     trainer = build_trainer(cfg, stage, callbacks=[curves, ResumeCheckpoint(resume, requeue)],
-                            run_id=resume.wandb_id, **trainer_kwargs)
+                            run_id=resume.wandb_id, resuming=resume.resuming, **trainer_kwargs)
     if trainer.is_global_zero:
         resume.write_state()
-        print(resume.describe(), file=sys.stderr, flush=True)
+        log.info(resume.describe())
+        log_config(trainer.loggers, cfg)
     if cfg.strategy.name == "fsdp2":
         module.fsdp2 = {"compile": cfg.trainer.compile, "compile_mode": cfg.trainer.compile_mode,
                         "reshard_after_forward": cfg.strategy.reshard_after_forward}
@@ -194,6 +200,6 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: Confi
     finally:
         for lg in trainer.loggers:  # the W&B run stays open: the runner logs the stage's artifacts, then finishes it
             lg.finalize(status)
-    if trainer.is_global_zero:
-        curves.write()
+        if resume.resuming and trainer.is_global_zero:
+            tidy_resumed(paths.live_dir(stage))
     return trainer, curves, final

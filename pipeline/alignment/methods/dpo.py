@@ -85,10 +85,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 class DPO(Objective):
     """Trains `policy` on preference batches (PreferenceData: chosen rows first, then rejected)."""
 
+    frozen = ("reference",)
+
     def __init__(self, policy: GPT, reference: GPT, cfg: Config) -> None:
         super().__init__(cfg.optim, cfg.steps)
         self.policy, self.reference, self.cfg = policy, reference, cfg
-        reference.requires_grad_(False).eval()
+        reference.requires_grad_(False)  # eval mode once training starts (Objective.frozen)
 
     def configure_optimizers(self):
         self.reference.requires_grad_(False)  # keep the frozen copy out of the optimizer's groups

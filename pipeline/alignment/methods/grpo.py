@@ -100,17 +100,20 @@ def verifiable_rewards(tok: ChatTokenizer, rows: list[dict], responses: list[lis
 class GRPO(Objective):
     """Trains `policy`; `reference` (used only when kl_coef > 0) stays frozen."""
 
+    frozen = ("reference",)
+
     def __init__(self, policy: GPT, reference: GPT, tok: ChatTokenizer, cfg: Config, seed: int) -> None:
         super().__init__(cfg.optim, policy_updates(cfg))
         self.automatic_optimization = False
         self.policy, self.reference, self.tok, self.cfg, self.seed = policy, reference, tok, cfg, seed
-        reference.requires_grad_(False).eval()
+        reference.requires_grad_(False)  # eval mode once training starts (Objective.frozen)
 
     def configure_optimizers(self):
         self.reference.requires_grad_(False)
         return super().configure_optimizers()
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         self.generator = self.make_generator(self.seed)
 
     def minibatch_loss(self, b: dict, adv: torch.Tensor, ref_logp: torch.Tensor | None,

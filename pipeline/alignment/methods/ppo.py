@@ -134,13 +134,15 @@ def updates_per_run(cfg: Config) -> int:
 class PPO(Objective):
     """Trains `policy` and `critic`; `reference` and `reward_model` stay frozen."""
 
+    frozen = ("reference", "reward_model")
+
     def __init__(self, policy: GPT, reference: GPT, critic: ScalarHead, reward_model: ScalarHead,
                  tok: ChatTokenizer, cfg: Config, seed: int) -> None:
         super().__init__(cfg.optim, updates_per_run(cfg))
         self.automatic_optimization = False
         self.policy, self.reference, self.critic, self.reward_model = policy, reference, critic, reward_model
         for frozen in (reference, reward_model):
-            frozen.requires_grad_(False).eval()
+            frozen.requires_grad_(False)  # eval mode once training starts (Objective.frozen)
         self.tok, self.cfg, self.seed = tok, cfg, seed
         ak = cfg.adaptive_kl
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, ak.target, ak.horizon) if ak.target else None
@@ -169,6 +171,7 @@ class PPO(Objective):
             self.kl_ctl.value = self._restored.pop("kl_coef", self.kl_ctl.value)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         self.generator = self.make_generator(self.seed)
 
     @torch.no_grad()
