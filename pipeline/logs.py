@@ -135,6 +135,9 @@ def stage_logging(stage: str) -> Iterator[Path]:
     """Console and this run's log file (yielded) for the stage's duration; the file is closed after it."""
     install_console()
     quiet_known_noise()
+    # off, then on: captureWarnings(True) does nothing once on, even where warnings.showwarning was put back since
+    # (warnings.catch_warnings does, e.g. pytest's around each test), so a second stage in one process lost them
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     path = log_file(stage)
     path.parent.mkdir(parents=True, exist_ok=True)

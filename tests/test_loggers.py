@@ -6,8 +6,10 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,14 +45,18 @@ def test_csv_alone_writes_lightnings_metrics_csv(seeded, monkeypatch):
     assert "sft/max_steps: 6" in hparams  # the stage's config, flattened, as the run's hyperparameters
 
 
-def test_wandb_dvclive_and_csv_together_write_all_three(seeded, monkeypatch):
+def test_wandb_dvclive_and_csv_together_write_all_three(seeded):
+    """In a process of its own, as a user runs it: W&B's records are complete once the process has exited."""
     from wandb_records import run_info
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("DVC_ROOT", raising=False)
     for old in (seeded / "wandb").glob("offline-run-*"):
         old.rename(old.with_name("old-" + old.name))
-    metrics = sft(seeded, "logger=[wandb,dvclive,csv]")
+    env = {k: v for k, v in venv_env(WANDB_MODE="offline", OMP_NUM_THREADS="1").items() if k != "DVC_ROOT"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "stage=sft", "experiment=micro",
+                           "trainer.progress_bar=false", "logger=[wandb,dvclive,csv]"], cwd=seeded, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((seeded / "metrics" / "sft.json").read_text())
     assert list((seeded / "outputs" / "csv" / "sft").glob("version_*/metrics.csv"))
     live = json.loads((seeded / "dvclive" / "sft" / "metrics.json").read_text())
     assert live["val"]["loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
@@ -114,11 +120,14 @@ def test_dvc_exp_run_shows_the_running_stages_loss_and_plots_render_after(tmp_pa
     meanwhile) and `dvc exp show --json` must report that loss for the workspace; after the run, `dvc plots show`
     renders the stage's step files and the combined train/val chart, with no network."""
     repo = repo_copy(tmp_path / "repo")
+    shutil.rmtree(repo / "dvclive")  # the committed run's files, which would read as live ones
+    (repo / "metrics" / "pretrain.json").unlink()
     config = repo / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("  - experiment: null", "  - experiment: micro"))
     env = venv_env(WANDB_MODE="offline", OMP_NUM_THREADS="1")
     subprocess.run(["python", "-m", "pipeline.config"], cwd=repo, env=env, check=True, capture_output=True)
-    subprocess.run(["git", "commit", "-qam", "micro"], cwd=repo, check=True, capture_output=True,
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-qm", "micro"], cwd=repo, check=True, capture_output=True,
                    env={**env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                         "GIT_COMMITTER_EMAIL": "t@t"})
     live = repo / "dvclive" / "pretrain" / "metrics.json"

@@ -30,7 +30,9 @@ def test_the_console_is_concise_and_the_file_has_everything(workdir, capsys):
         logging.getLogger("pipeline.training.trainer").debug("a detail for the file")
         logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False, used: False")
         logging.getLogger("lightning.pytorch.utilities.rank_zero").info(logs.LITLOGGER_TIP + ", try installing ...")
-        warnings.warn("a deprecated call, for the test", DeprecationWarning, stacklevel=1)
+        with warnings.catch_warnings():  # shown whatever filters earlier tests of this process left
+            warnings.simplefilter("always")
+            warnings.warn("a deprecated call, for the test", DeprecationWarning, stacklevel=1)
     err = capsys.readouterr().err
     assert err.splitlines()[0] == "starting pretrain"
     assert "warning: " in err and "a deprecated call, for the test" in err  # warnings: on the console too

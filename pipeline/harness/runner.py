@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def setup_environment(cfg: Config) -> None:
     """Offline-first defaults; the user's environment always wins."""
     wandb = cfg.logger.wandb
-    os.environ.setdefault("WANDB_MODE", wandb.mode if wandb else "disabled")
+    os.environ.setdefault("WANDB_MODE", wandb.mode if wandb else "offline")
     if wandb and os.environ["WANDB_MODE"] == "online":
         from pipeline.harness.wandb_mode import fall_back_offline_without_server
         fall_back_offline_without_server()  # no network: offline files in seconds, not a failure after ~100 s

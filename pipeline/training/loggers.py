@@ -47,10 +47,11 @@ def _stage_arguments(cls: type, cfg: Config, stage: str, run_id: str | None, res
     """(arguments the entry may override, arguments the pipeline always sets) for a logger of class `cls`."""
     from lightning.pytorch import loggers as pl_loggers
 
-    if issubclass(cls, pl_loggers.WandbLogger):
+    if issubclass(cls, pl_loggers.WandbLogger):  # save_dir absolute: W&B's service keeps its first job's directory
         kwargs = wandb_init_kwargs(cfg, stage)
-        return ({"save_dir": kwargs.pop("dir"), "log_model": False, **kwargs},
-                {"id": run_id, "resume": "allow" if run_id else None})
+        save_dir = kwargs.pop("dir")
+        resume = {"id": run_id, "resume": "allow" if run_id else None}
+        return {"log_model": False, **kwargs}, {"save_dir": save_dir, **resume}
     if cls.__module__.startswith("dvclive"):
         return ({"run_name": stage},  # the progress bar's v_num shows its last 4 characters
                 {"dir": str(paths.live_dir(stage)), "resume": resuming, "dvcyaml": False, "save_dvc_exp": False})
