@@ -25,7 +25,7 @@ from pipeline.model import lora
 from pipeline.model.gpt import GPT
 from pipeline.model.logprobs import response_logprobs, sequence_logprobs
 
-from conftest import compose_micro, micro_config
+from conftest import compose_micro, micro_config, seeded_workspace
 
 RANK = 2
 LORA = ("peft=lora", f"peft.r={RANK}", "trainer.progress_bar=false")
@@ -46,21 +46,7 @@ def inside(path: Path) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """A micro workspace: prepared data, the tokenizer, and a seeded micro GPT as checkpoint `pretrain`."""
-    from pipeline.config.root import load_config
-    from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.model.handoff import checkpoint_meta, save_checkpoint
-    from stages import run_stage
-
-    path = tmp_path_factory.mktemp("lora")
-    with inside(path):
-        raw = compose_micro("trainer.progress_bar=false")
-        run_stage("prepare", raw)
-        run_stage("tokenizer", raw)
-        cfg, tok = load_config(raw), load_tokenizer(raw.tokenizer.special_tokens)
-        torch.manual_seed(0)
-        model = GPT(cfg.model.shape(tok.vocab_size))
-        save_checkpoint("pretrain", model, checkpoint_meta(cfg, tok, model, "gpt", step=0))
-    return path
+    return seeded_workspace(tmp_path_factory.mktemp("lora"), "trainer.progress_bar=false")
 
 
 def run(work: Path, stage: str, *overrides: str) -> dict:
