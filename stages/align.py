@@ -21,12 +21,12 @@ def _reads(cfg: Config | None) -> dict[str, str]:
 def _splits(cfg: Config) -> tuple[str, ...]:
     from pipeline.alignment import methods
     method, acfg = methods.load(cfg)
-    return method.splits(acfg)
+    return (*method.splits(acfg), *(("eval",) if acfg.eval_every else ()))  # the monitor answers eval problems
 
 
 SPEC = StageSpec(
     name="align",
-    desc="The SFT model aligned by the configured method (align=ppo|dpo|grpo)",
+    desc="The SFT model aligned by the configured method (align=<method>: conf/align/)",
     params=("seed", "align", "trainer", "strategy", "callbacks", "peft"),
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads={"sft": "gpt"},
@@ -36,7 +36,9 @@ SPEC = StageSpec(
                        ("gpt", "chat", "aligned")),),
     # train/reward: the reward model's score (ppo), the checker's (grpo), the implicit reward margin (dpo);
     # train/kl: the policy's KL to the SFT reference
-    curves=(Curve("reward_kl", ("train/reward", "train/kl")),),
+    curves=(Curve("reward_kl", ("train/reward", "train/kl")),
+            # the monitor's held-out evaluations (align.eval_every): checked accuracy against the proxy reward
+            Curve("eval", ("eval/exact_match", "eval/reward"))),
     trains=True,
 )
 

@@ -1,6 +1,7 @@
-"""Stage `sft_control`: the SFT checkpoint trained further, for as many optimizer steps as `align` gives the
-policy, on the SFT data and batch size. `evaluate` scores it beside `aligned`: if alignment beats SFT but not
-this control, more training, not alignment, moved the number."""
+"""Stage `sft_control`: the SFT checkpoint trained further, for as many optimizer steps as `align` gave the
+weights it saved (the aligned checkpoint's meta: `policy_updates`, fewer than planned under `align.keep=best` or
+early stopping), on the SFT data and batch size. `evaluate` scores it beside `aligned`: if alignment beats SFT
+but not this control, more training, not alignment, moved the number."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -11,12 +12,20 @@ from pipeline.registry import Checkpoint, Curve, StageSpec
 if TYPE_CHECKING:
     from pipeline.config.root import Config
 
+ALIGNED = "aligned"  # align's checkpoint: its meta's policy_updates are the steps to match
+
+
+def _reads(cfg: Config | None) -> dict[str, str]:
+    return {ALIGNED: "gpt"}
+
+
 SPEC = StageSpec(
     name="sft_control",
     desc="The same-compute control: SFT trained as many more steps as alignment gave the policy",
     params=("seed", "sft", "align", "trainer", "strategy", "callbacks", "peft"),
     inputs=(paths.PREPARED, paths.TOKENIZER_DIR),
     reads={"sft": "gpt"},
+    reads_for=_reads,
     splits=("sft",),
     writes=(Checkpoint("sft_control", "gpt", "The SFT model trained further for as many steps as alignment took, "
                        "the control", ("gpt", "chat", "sft", "control")),),
@@ -30,7 +39,7 @@ def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.harness.validation import check_conversation_lengths, check_inputs
     from pipeline.model.lora import check_adapters
     from stages import registry
-    methods.load(cfg)  # the method whose policy updates it matches
+    methods.load(cfg)  # align's config checks, as align's own
     inputs = check_inputs(cfg, spec)
     start = spec.checkpoint("gpt")
     check_adapters(cfg.peft, "sft", inputs.metas[start]["model"], registry())  # it trains as SFT did
@@ -40,10 +49,11 @@ def check(cfg: Config, spec: StageSpec) -> None:
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:
-    from pipeline.alignment import methods
+    from pipeline.model.handoff import read_meta
     from pipeline.training.lm import finetune_further
-    method, acfg = methods.load(cfg)
-    return finetune_further(cfg, spec, steps=method.policy_updates(acfg), matches=acfg.method)
+    aligned = read_meta(ALIGNED, spec.producers.get(ALIGNED))
+    # the updates behind the weights align saved: fewer than planned under keep=best or early stopping
+    return finetune_further(cfg, spec, steps=int(aligned["policy_updates"]), matches=str(aligned["method"]))
 
 
 if __name__ == "__main__":

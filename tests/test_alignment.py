@@ -124,7 +124,8 @@ def test_policy_updates_per_method():
 
 
 @pytest.mark.parametrize("override, field", [
-    (("align.method=sft",), "align.method 'sft' is unknown: choose one of dpo, grpo, ppo"),
+    (("align.method=sft",), "align.method 'sft' is unknown: choose one of dpo, grpo, kto, online_dpo, orpo, ppo, "
+                                    "reinforce_pp, rloo"),
     (("align=dpo", "align.beta=0"), "align.beta is 0: it must be positive"),
     (("align=grpo", "align.group_size=1"), "align.group_size is 1: it must be >= 2"),
     (("align=grpo", "align.minibatch_size=100000"), "align.minibatch_size (100000) must be <= align.rollout_batch"),
@@ -212,10 +213,12 @@ def test_every_method_module_has_its_config_file_and_interface():
     from pipeline.paths import CONF_DIR
 
     from conftest import micro_config
-    assert methods.names() == sorted(p.stem for p in (CONF_DIR / "align").glob("*.yaml")) == ["dpo", "grpo", "ppo"]
+    assert methods.names() == sorted(p.stem for p in (CONF_DIR / "align").glob("*.yaml")) == [
+        "dpo", "grpo", "kto", "online_dpo", "orpo", "ppo", "reinforce_pp", "rloo"]
     for name in methods.names():
         method, acfg = methods.load(micro_config(f"align={name}"))
         assert acfg.method == name == method.__name__.rpartition(".")[2]
+        assert method.policy_updates(acfg) == method.updates_at(acfg, acfg.steps + getattr(acfg, "critic_warmup", 0))
         assert method.policy_updates(acfg) > 0 and method.SUMMARY and callable(method.train)
         assert set(method.NEEDS.values()) <= {"gpt", "reward"} and method.splits(acfg)
         assert methods.declared_needs(name) == method.NEEDS  # what dvc.yaml reads from the source, unimported

@@ -114,7 +114,7 @@ CASES = [
     Case("eval_prompt_over_block_size", "evaluate",
          ("model.block_size (128) is too small for data/prepared/eval.jsonl:1", "evaluate.cot_max_new_tokens (120)"),
          ("evaluate.cot_max_new_tokens=120",)),
-    Case("unknown_align_method_in_params", "align", ("align.method 'rlhf'", "dpo, grpo, ppo"),
+    Case("unknown_align_method_in_params", "align", ("align.method 'rlhf'", "dpo, grpo, kto, online_dpo, orpo, ppo"),
          break_it=lambda: replace_in(Path("params.yaml"), "method: ppo", "method: rlhf")),
     Case("unknown_artifact_mode", "report", ("logger.wandb.artifacts 'copy' is unknown", "reference, files, none"),
          ("logger=wandb", "logger.wandb.artifacts=copy")),

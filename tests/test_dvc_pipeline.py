@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -102,7 +103,10 @@ def test_queued_experiments_rerun_only_what_their_change_touches(micro_repo):
     """`dvc exp run --queue`, run by `dvc queue start`: switching the alignment method (a Hydra group,
     `-S align=dpo`) reruns align and what follows it, while data, tokenizer, pretraining, SFT and the
     reward model come from DVC's run cache. (One queued point: each costs ~a minute of suite time.)"""
-    dvc(micro_repo, "exp", "run", "--queue", "-S", "align=dpo", "-n", "q-dpo")
+    compare = [sys.executable, "-m", "pipeline.evaluation.compare"]
+    queued = subprocess.run([*compare, "queue", "dpo"], cwd=micro_repo, env=venv_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert queued.returncode == 0 and "queued cmp-dpo: dvc exp run -S align=dpo" in queued.stdout, queued.stderr
     dvc(micro_repo, "queue", "start", "-j", "1")
     deadline = time.time() + 480
     while time.time() < deadline:
@@ -110,16 +114,27 @@ def test_queued_experiments_rerun_only_what_their_change_touches(micro_repo):
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(1)
-    assert status.count("Success") == 1, status + dvc(micro_repo, "queue", "logs", "q-dpo")
-    log = dvc(micro_repo, "queue", "logs", "q-dpo")
+    assert status.count("Success") == 1, status + dvc(micro_repo, "queue", "logs", "cmp-dpo")
+    log = dvc(micro_repo, "queue", "logs", "cmp-dpo")
     ran = {s for s in ALL_STAGES if f"Running stage '{s}'" in log}
     assert ran == {"align", "sft_control", "export", "evaluate", "report"}, ran
     exps = exp_show(micro_repo)
-    assert "q-dpo" in exps, sorted(exps)
+    assert "cmp-dpo" in exps, sorted(exps)
     # DVC's Hydra integration recomposed conf/ with the override into the experiment's params.yaml
-    assert exps["q-dpo"]["params"]["params.yaml"]["data"]["align"]["method"] == "dpo"
-    metrics = {f: v["data"] for f, v in exps["q-dpo"]["metrics"].items()}
+    assert exps["cmp-dpo"]["params"]["params.yaml"]["data"]["align"]["method"] == "dpo"
+    metrics = {f: v["data"] for f, v in exps["cmp-dpo"]["metrics"].items()}
     align, control = metrics["metrics/align.json"], metrics["metrics/sft_control.json"]
     assert align["method"] == "dpo" and "rewards/accuracies" in align
     assert metrics["metrics/evaluate.json"]["verdict"]["method"] == "dpo"
     assert control["matches"] == "dpo" and control["steps"] == align["policy_updates"]
+    # the comparison table: the experiment's row, from its own metrics
+    table = subprocess.run([*compare, "table"], cwd=micro_repo, env=venv_env(), capture_output=True, text=True,
+                           timeout=120)
+    assert table.returncode == 0, table.stderr
+    header, _, dpo = table.stdout.splitlines()
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in dpo.strip("|").split("|")]))
+    verdict = metrics["metrics/evaluate.json"]["verdict"]
+    assert cells["experiment"] == "dpo" and cells["method"] == "dpo"
+    assert float(cells["vs control"]) == pytest.approx(verdict["exact_match_vs_control"], abs=5e-4)
+    assert cells["beats control"] == str(verdict["beats_control"])
+    assert int(cells["policy updates"]) == align["policy_updates"]

@@ -237,7 +237,8 @@ def test_lineage_follows_what_each_stage_reads_and_writes():
     assert {"sft", "reward"} <= set(lineage["align"][0]) and lineage["align"][1] == ["aligned"]
     assert {"pretrain", "sft", "sft_control", "aligned", "reward"} <= set(lineage["evaluate"][0])
     assert lineage["evaluate"][1] == ["evaluation"] and lineage["report"] == (["evaluation"], ["report"])
-    assert "reward" not in lineage_of(chain, "align", "align=dpo")  # DPO reads no reward model
+    assert "reward" not in lineage_of(chain, "align", "align=dpo", "align.eval_every=0")  # DPO reads no reward model
+    assert "reward" in lineage_of(chain, "align", "align=dpo", "align.eval_every=5")  # but its monitor scores with it
     with pytest.raises(ConfigError, match="logger.wandb.artifacts 'copy' is unknown: choose one of reference, files, "
                                           "none"):
         load_config(compose_micro("logger=wandb", "logger.wandb.artifacts=copy"))

@@ -43,6 +43,9 @@ def test_minibatches_cover_the_rollout_once_per_epoch():
     (("align=grpo", "align.rollout_batch=5"), 2, "align.rollout_batch (5) does not split over 2 processes"),
     (("align=ppo", "align.minibatch_size=3", "align.rollout_batch=8"), 2, "align.minibatch_size (3)"),
     (("align=grpo", "strategy=fsdp2"), 2, "use strategy=ddp"),
+    # DPO shards, but its evaluations during the run need the whole policy on rank 0
+    (("align=dpo", "strategy=fsdp2", "align.eval_every=5"), 2,
+     "align.eval_every (5) evaluates the policy on rank 0 alone, which sharded weights (strategy=fsdp2) cannot do"),
 ])
 def test_online_methods_refuse_a_world_their_batches_or_strategy_cannot_take(override, world, message):
     cfg = micro_config(*override)

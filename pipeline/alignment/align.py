@@ -7,14 +7,21 @@ align), the policy itself with its adapters off (pipeline.model.lora.AdaptersOff
 without a second copy in memory. The methods call it the same way either way.
 
 Every method trains under the configured strategy (`trainer`, `strategy`): each rank samples its share of the
-global rollout or preference batch, and global rank 0 saves the trained policy (gathered first when sharded)."""
+global rollout or preference batch, and global rank 0 saves the trained policy (gathered first when sharded).
+
+With `align.eval_every` > 0 the run is evaluated as it goes (pipeline.alignment.monitor: held-out exact match,
+reward, KL to SFT, the reward-hacking signal, sampled completions), and `align.keep: best` saves the best
+evaluation's weights instead of the last; the checkpoint's meta and the metrics record the policy updates behind
+the saved weights (`policy_updates`), which is what sft_control trains the control for."""
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import lightning as L
 
 from pipeline.alignment import methods
+from pipeline.alignment.monitor import Monitor
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.model import lora
 from pipeline.model.handoff import checkpoint_meta, load_gpt, save_checkpoint
@@ -50,16 +57,27 @@ def align(cfg: Config, spec: StageSpec) -> dict:
         policy = lora.add_adapters(policy, cfg.peft)
         reference = lora.AdaptersOff(policy)
     updates = method.policy_updates(acfg)
-    curves, own, policy = method.train(cfg, acfg, spec, policy, reference, tok)
+    monitor = Monitor(cfg, acfg, method, tok) if acfg.eval_every else None
+    started = time.perf_counter()
+    watch = [monitor] if monitor else None
+    curves, own, policy = method.train(cfg, acfg, spec, policy, reference, tok, callbacks=watch)
     if policy is None:  # not global rank 0: that one saves the checkpoint and writes the metrics
         return {}
-    metrics = {"method": acfg.method, "policy_updates": updates, **own, **first_last(curves.train, method.SUMMARY),
+    metrics = {"method": acfg.label(), "policy_updates": updates, **own, **first_last(curves.train, method.SUMMARY),
                **iteration_times(curves.train), **curves.totals}
+    if monitor:
+        metrics.update(monitor.summary(time.perf_counter() - started))
+        metrics["kept"] = acfg.keep
+        if acfg.keep == "best":  # the best evaluation's weights, and the updates that made them
+            policy.load_state_dict(monitor.best["state"])
+            updates = metrics["policy_updates"] = monitor.best["point"]["policy_updates"]
+            metrics["policy_updates_run"] = method.policy_updates(acfg)
+        metrics["kept_step"] = monitor.best["point"]["step"] if acfg.keep == "best" else monitor.points[-1]["step"]
     trained = {}
     if adapters:  # only then: the meta and metrics of full finetuning stay as they were
         metrics.update(lora.param_counts(policy))
         trained = lora.adapter_meta(cfg.peft, policy)
         policy = lora.merge(policy)
-    save_checkpoint(spec.writes[0].name, policy, checkpoint_meta(cfg, tok, policy, "gpt", method=acfg.method,
-                                                                step=updates, **trained))
+    save_checkpoint(spec.writes[0].name, policy, checkpoint_meta(cfg, tok, policy, "gpt", method=acfg.label(),
+                                                                step=updates, policy_updates=updates, **trained))
     return metrics

@@ -1,4 +1,5 @@
-"""The toolkit the RL methods share: sample a rollout, masked statistics, GAE, the clipped surrogate, KL estimates.
+"""The toolkit the RL methods share: sample a rollout, score it, masked statistics, GAE, the clipped surrogate, KL
+estimates.
 
 A rollout batch is laid out as [left-padded prompt | right-padded response] (pipeline.inference.sequences),
 its per-token log-probabilities come from pipeline.model.logprobs.
@@ -7,17 +8,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 from pydantic import Field
 
 from pipeline.config.align import MethodConfig
 from pipeline.inference.sampling import SamplingConfig, generate
-from pipeline.inference.sequences import build_sequences
+from pipeline.inference.sequences import build_sequences, response_positions
 from pipeline.model.gpt import GPT
 from pipeline.model.logprobs import response_logprobs
 from pipeline.training.parallel import global_mean, world_size
+
+if TYPE_CHECKING:
+    from pipeline.model.heads import ScalarHead
 
 
 class RolloutConfig(MethodConfig):
@@ -51,6 +55,19 @@ def sample_rollout(policy: GPT, tok, rows: list[dict], cfg: RolloutConfig, gener
     ended = torch.tensor([float(tok.end_id in r) for r in responses], device=device)
     return {"responses": responses, "seq": seq, "attn": attn, "mask": mask, "P": P, "logp": logp,
             "ended": ended, "lengths": mask.sum(1)}
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model: ScalarHead, b: dict, missing_eos_penalty: float,
+                        score_clip: float) -> torch.Tensor:
+    """The frozen reward model's score of each exchange of rollout `b` (`sample_rollout`) at its last token, less
+    `missing_eos_penalty` where the response never ended, clipped to +-`score_clip` (0 = off): PPO's scores."""
+    last = b["P"] + b["lengths"] - 1
+    scores = reward_model(b["seq"], last, b["attn"], response_mask=response_positions(b["mask"], b["P"]))
+    scores = scores - missing_eos_penalty * (1 - b["ended"])
+    if score_clip:  # trlX's cliprange_reward: one outlier must not dominate the advantages
+        scores = scores.clamp(-score_clip, score_clip)
+    return scores
 
 
 def minibatches(n: int, size: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:

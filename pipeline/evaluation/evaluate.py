@@ -22,7 +22,7 @@ from pipeline.config.evaluate import EvaluateConfig
 from pipeline.config.identity import run_id
 from pipeline.data.splits import SPLIT_FILES, cot_trigger, load_split
 from pipeline.data.tokenizer import ChatTokenizer, load_tokenizer
-from pipeline.evaluation.metrics import PromptSet, evaluate_checkpoint
+from pipeline.evaluation.metrics import PromptSet, evaluate_checkpoint, reward_hacking
 from pipeline.inference.placement import launch
 from pipeline.inference.prompting import FewShotPool, PromptTemplates
 from pipeline.model.handoff import load_gpt, load_reward_model
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 def verdict(results: dict[str, dict[str, float]], method: str, kl_bound: float) -> dict:
     """How `aligned` compares with `sft` and `sft_control` (1/0 flags, so DVC can show and diff them)."""
     a, s, c = results[ALIGNED], results[REFERENCE], results[CONTROL]
-    accuracy_fell = a["exact_match"] < s["exact_match"] or a["exact_match_sampled"] < s["exact_match_sampled"]
     return {
         "method": method,
         "exact_match_vs_sft": round(a["exact_match"] - s["exact_match"], 6),
@@ -49,7 +48,7 @@ def verdict(results: dict[str, dict[str, float]], method: str, kl_bound: float) 
         "beats_control": int(a["exact_match"] > c["exact_match"]),
         "kl_to_sft": a["kl_to_sft"], "kl_bound": float(kl_bound),
         "kl_within_bound": int(a["kl_to_sft"] <= kl_bound),
-        "reward_hacking": int(a["reward"] > s["reward"] and accuracy_fell),
+        "reward_hacking": int(reward_hacking(a, s)),
     }
 
 

@@ -127,15 +127,24 @@ def accuracy(results: dict[str, dict]) -> Figure:
 
 
 def alignment(rows: list[dict], method: str = "") -> Figure:
-    """The alignment run's reward and KL to the reference policy over its iterations (what the method logged)."""
+    """The alignment run's reward and KL to the reference policy over its iterations (what the method logged), and,
+    when the monitor evaluated it (align.eval_every), held-out exact match against the reward model's score."""
     panels = [(k, "reward", "reward") for k in ("train/reward",) if any(k in r for r in rows)]
     panels += [(k, "KL to the reference", "KL (nats)") for k in KL_KEYS if any(k in r for r in rows)][:1]
+    panels += [(k, "held out: exact match and RM score", "exact match") for k in ("eval/exact_match",)
+               if any(k in r for r in rows)]
     if not panels:
         raise ValueError("dvclive/align/plots/metrics/ has no train/reward or KL step file: rerun the align stage")
     fig = Figure(figsize=(5 * len(panels), 3.2), layout="constrained")
     for ax, (key, title, unit) in zip(fig.subplots(1, len(panels), squeeze=False).ravel(), panels):
         steps, values = series(rows, key)
-        ax.plot(steps, values, color="C2" if "kl" in key else "C1", label=key)
+        ax.plot(steps, values, color="C2" if "kl" in key else "C0" if key.startswith("eval/") else "C1", label=key,
+                marker="o" if key.startswith("eval/") else None)
+        if key == "eval/exact_match":  # the proxy on its own axis: the two diverging is reward hacking
+            twin = ax.twinx()
+            twin.plot(*series(rows, "eval/reward"), color="C3", marker="s", label="eval/reward")
+            twin.set_ylabel("RM score")
+            twin.legend(fontsize=8, loc="lower right")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(unit)

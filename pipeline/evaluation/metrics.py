@@ -136,10 +136,11 @@ class Judges:
 
 
 def score_chunk(model: GPT, tok: ChatTokenizer, split: PromptSet, chunk: int, cfg: EvaluateConfig,
-                judges: Judges | None, seed: int) -> ChunkScores:
-    """Problems [chunk * batch_size, (chunk + 1) * batch_size) of `split`: greedy replies asked three ways; with
-    `judges`, also the answer loss, the reward of the greedy replies and, for problems among the first
-    `cfg.samples`, a sampled reply with its reward and KL to the reference."""
+                judges: Judges | None, seed: int, zero_shot_only: bool = False) -> ChunkScores:
+    """Problems [chunk * batch_size, (chunk + 1) * batch_size) of `split`: greedy replies asked three ways (only
+    zero-shot with `zero_shot_only`: align's monitor); with `judges`, also the answer loss, the reward of the greedy
+    replies and, for problems among the first `cfg.samples`, a sampled reply with its reward and KL to the
+    reference."""
     lo, hi = chunk * cfg.batch_size, (chunk + 1) * cfg.batch_size
     direct, worked = SamplingConfig(cfg.max_new_tokens, 0.0), SamplingConfig(cfg.cot_max_new_tokens, 0.0)
 
@@ -147,7 +148,10 @@ def score_chunk(model: GPT, tok: ChatTokenizer, split: PromptSet, chunk: int, cf
         return generate(model, prompts, sampling, stop_id=tok.end_id, pad_id=tok.pad_id, generator=generator)
 
     zero_shot = split.zero_shot[lo:hi]
-    out = ChunkScores(ask(zero_shot, direct), ask(split.few_shot[lo:hi], direct), ask(split.cot[lo:hi], worked))
+    if zero_shot_only:
+        out = ChunkScores(ask(zero_shot, direct), [], [])
+    else:
+        out = ChunkScores(ask(zero_shot, direct), ask(split.few_shot[lo:hi], direct), ask(split.cot[lo:hi], worked))
     if judges is None:
         return out
     out.loss, out.tokens = answer_loss(model, tok, split.rows[lo:hi])
@@ -163,6 +167,26 @@ def score_chunk(model: GPT, tok: ChatTokenizer, split: PromptSet, chunk: int, cf
 
 def joined(chunks: list[ChunkScores], name: str) -> list:
     return [x for c in chunks for x in getattr(c, name)]
+
+
+def held_out(tok: ChatTokenizer, rows: list[dict], chunks: list[ChunkScores]) -> dict[str, float]:
+    """What the judged chunks of the eval split give: greedy exact match, the sampled replies' exact match, reward
+    and KL to the reference, the greedy replies' reward, length and end rate (evaluate's row and align's monitor)."""
+    responses, samples = joined(chunks, "zero_shot"), joined(chunks, "samples")
+    return {"exact_match": exact_match(tok, rows, responses)["exact_match"],
+            "exact_match_sampled": exact_match(tok, rows[:len(samples)], samples)["exact_match"],
+            "reward": mean(joined(chunks, "reward")),
+            "reward_greedy": mean(joined(chunks, "reward_greedy")),
+            "kl_to_sft": mean(joined(chunks, "kl")),
+            "response_length": sum(len(tok.strip_response(r)) for r in responses) / max(len(responses), 1),
+            "eos_rate": sum(tok.end_id in r for r in responses) / max(len(responses), 1)}
+
+
+def reward_hacking(now: dict[str, float], start: dict[str, float]) -> bool:
+    """The reward model's score rose from `start` to `now` while checked accuracy (greedy or sampled) fell: the
+    verdict's test of the aligned model against SFT, and align's monitor's of each evaluation against the first."""
+    fell = now["exact_match"] < start["exact_match"] or now["exact_match_sampled"] < start["exact_match_sampled"]
+    return now["reward"] > start["reward"] and fell
 
 
 def prompting_rows(tok: ChatTokenizer, split: PromptSet, chunks: list[ChunkScores], suffix: str) -> dict[str, float]:
@@ -189,15 +213,11 @@ def evaluate_checkpoint(model: GPT, tok: ChatTokenizer, prompts: PromptSet, hard
     gathered = {i: scores for share in ranks.gather(mine) for i, scores in share.items()}
     chunks = [gathered[i] for i in range(len(work))]
     ev, hd = chunks[:n_eval], chunks[n_eval:]
-    rows, responses, samples = prompts.rows, joined(ev, "zero_shot"), joined(ev, "samples")
     loss = sum(c.loss for c in ev) / max(sum(c.tokens for c in ev), 1)
-    out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), **exact_match(tok, rows, responses),
+    judged = held_out(tok, prompts.rows, ev)
+    judged.pop("exact_match")  # the first key of exact_match's families, where the table has always had it
+    out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+           **exact_match(tok, prompts.rows, joined(ev, "zero_shot")),
            **prompting_rows(tok, prompts, ev, ""), **prompting_rows(tok, hard, hd, "_hard"),
-           "fewshot_shots": prompts.shots,
-           "exact_match_sampled": exact_match(tok, rows[:len(samples)], samples)["exact_match"],
-           "reward": mean(joined(ev, "reward")),
-           "reward_greedy": mean(joined(ev, "reward_greedy")),
-           "kl_to_sft": mean(joined(ev, "kl")),
-           "response_length": sum(len(tok.strip_response(r)) for r in responses) / max(len(responses), 1),
-           "eos_rate": sum(tok.end_id in r for r in responses) / max(len(responses), 1)}
+           "fewshot_shots": prompts.shots, **judged}
     return {k: round(float(v), 6) for k, v in out.items()}

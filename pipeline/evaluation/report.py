@@ -31,7 +31,8 @@ FIGURES = {
                    "for PPO, which has no single loss, the reward model's score.",
     "accuracy": "Exact match per checkpoint under zero-shot, few-shot and chain-of-thought prompting, "
                 "on the eval split and on the harder split.",
-    "alignment": "Alignment: the reward and the KL to the SFT reference over the run's optimizer steps.",
+    "alignment": ("Alignment: the reward and the KL to the SFT reference over the run's optimizer steps, and the "
+                  "monitor's held-out exact match against the reward model's score (align.eval_every)."),
 }
 
 
@@ -138,7 +139,7 @@ def render(cfg: Config, stages: dict[str, dict], run: dict, figure_names: list[s
         "last `Answer:`; `_hard`: operands with more digits than any training problem; `reward` and `kl_to_sft` "
         "(nats per response) are measured on responses sampled at temperature 1, the two terms of the RLHF "
         "objective; `reward_greedy` scores the greedy answers. "
-        "`sft_control` is SFT trained further for as many optimizer steps as alignment gave the policy. "
+        "`sft_control` is SFT trained further for as many optimizer steps as alignment gave the weights it saved. "
         "`run_id`: the run that trained the checkpoint (its meta.json).",
         "", *verdict_lines(stages[EVALUATE].get("verdict")), "## Stages", "",
     ]

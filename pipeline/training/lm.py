@@ -19,9 +19,10 @@ from pipeline import paths
 from pipeline.config.training import OptimConfig
 from pipeline.data.datamodules import ChatData, PretrainData
 from pipeline.data.tokenizer import IGNORE_INDEX, load_tokenizer
+from pipeline.io import write_json
 from pipeline.model import lora
 from pipeline.model.gpt import GPT
-from pipeline.model.handoff import load_gpt
+from pipeline.model.handoff import checkpoint_meta, load_gpt, save_checkpoint
 from pipeline.training.curves import mean_of
 from pipeline.training.objective import Objective
 from pipeline.training.trainer import fit, prepare_model, save_trained_gpt
@@ -144,5 +145,13 @@ def finetune_further(cfg: Config, spec: StageSpec, steps: int, matches: str) -> 
     """
     o = cfg.sft.optim
     extended = o.model_copy(update={"lr": o.lr * o.min_lr_ratio, "warmup_steps": 0, "min_lr_ratio": 1.0})
+    if steps == 0:  # the aligned weights had no update (align.keep=best kept the start): the control is SFT itself
+        tok = load_tokenizer(cfg.tokenizer.special_tokens)
+        model, _ = load_gpt(spec.checkpoint("gpt"), tok.sha256)
+        save_checkpoint(spec.writes[0].name, model, checkpoint_meta(cfg, tok, model, "gpt", step=0, matches=matches))
+        live = paths.live_dir(spec.name)  # the live files DVC expects of a training stage: no step to show
+        (live / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+        write_json(live / "metrics.json", {"step": 0})
+        return {"steps": 0, "matches": matches, "lr": float(extended.lr)}
     metrics = finetune(cfg, spec, steps, optim=extended, matches=matches)
     return {"steps": steps, "matches": matches, "lr": float(extended.lr), **metrics}

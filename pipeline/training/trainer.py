@@ -162,7 +162,8 @@ def save_trained_gpt(trainer: L.Trainer, module: L.LightningModule, name: str, c
 
 
 def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: Config, spec: StageSpec,
-        validate: bool = True, **trainer_kwargs) -> tuple[L.Trainer, CurveRecorder, dict[str, float]]:
+        validate: bool = True, callbacks: list[Callback] | None = None,
+        **trainer_kwargs) -> tuple[L.Trainer, CurveRecorder, dict[str, float]]:
     """Train `module` on `datamodule` and validate once more at the end; the loggers write the curves as it goes.
 
     Checkpoints every `resume.every_n_steps`, at the last step and on SLURM's requeue signal into
@@ -170,13 +171,15 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, cfg: Confi
     or continues from `resume.ckpt_path`. A run continued from a finished one's final state carries on its
     curves and token count. The runner marks the state done once the stage has written its outputs, and
     finishes the stage's W&B run (pipeline.harness.tracking). Returns the trainer, the recorded curves and the
-    final validation metrics ({} if `validate` is off). Raises resume.Requeued after a requeue.
+    final validation metrics ({} if `validate` is off). `callbacks` are the stage's own (align's monitor): they run
+    after the curves and before the resume checkpoint, so that the state they keep is in it. Raises
+    resume.Requeued after a requeue.
     """
     stage = spec.name
     resume = ResumeState(cfg, spec)
     curves = CurveRecorder(stage)
     requeue = RequeueSignal(resume) if under_slurm() else None
-    trainer = build_trainer(cfg, stage, callbacks=[curves, ResumeCheckpoint(resume, requeue)],
+    trainer = build_trainer(cfg, stage, callbacks=[curves, *(callbacks or []), ResumeCheckpoint(resume, requeue)],
                             run_id=resume.wandb_id, resuming=resume.resuming, **trainer_kwargs)
     if trainer.is_global_zero:
         resume.write_state()

@@ -34,6 +34,9 @@ from pipeline.config.schema import ConfigError
 if TYPE_CHECKING:
     from pipeline.config.root import Config
 
+MONITOR_REWARD = "reward"  # the reward model's checkpoint, which align's monitor scores with whatever the method
+
+
 def names() -> list[str]:
     """Every method there is: the modules of this package."""
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
@@ -65,10 +68,15 @@ def check_world(acfg: MethodConfig, world: int, strategy: str, zero_stage: int |
     its weights must not be sharded: ranks decode for as many steps as their own rows need, and a sharded forward
     is a collective every rank must make as often."""
     online = hasattr(acfg, "rollout_batch")
-    if online and world > 1 and (strategy in ("fsdp", "fsdp2") or zero_stage == 3):
+    sharded = world > 1 and (strategy in ("fsdp", "fsdp2") or zero_stage == 3)
+    if online and sharded:
         raise ConfigError(f"align.method {acfg.method} samples token by token on each rank, which sharded weights "
                           f"(strategy={strategy}{' stage 3' if zero_stage == 3 else ''}) cannot do: use "
                           "strategy=ddp (or deepspeed stage 1/2) for it")
+    if acfg.eval_every and sharded:
+        raise ConfigError(f"align.eval_every ({acfg.eval_every}) evaluates the policy on rank 0 alone, which sharded "
+                          f"weights (strategy={strategy}{' stage 3' if zero_stage == 3 else ''}) cannot do: set "
+                          "align.eval_every=0 (evaluate still scores the result) or use strategy=ddp")
     for field in ("rollout_batch", "minibatch_size"):
         value = getattr(acfg, field, None)
         if value is not None and value % world:
@@ -93,5 +101,6 @@ def needs(cfg: Config | None) -> dict[str, str]:
     """The checkpoints alignment reads besides its starting point: the configured method's, or (None) what any
     method may read (from the modules' sources: dvc.yaml is written without importing Lightning)."""
     if cfg is not None:
-        return dict(load(cfg)[0].NEEDS)
-    return {name: kind for m in names() for name, kind in declared_needs(m).items()}
+        method, acfg = load(cfg)
+        return {**method.NEEDS, **({MONITOR_REWARD: "reward"} if acfg.eval_every else {})}  # the monitor's judge
+    return {MONITOR_REWARD: "reward", **{name: kind for m in names() for name, kind in declared_needs(m).items()}}

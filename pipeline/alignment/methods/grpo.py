@@ -53,6 +53,7 @@ class Config(RolloutConfig):
     """GRPO with the generator's checker as the reward (conf/align/grpo.yaml)."""
 
     method: Literal["grpo"]
+    eval_every: Annotated[int, Field(ge=0)] = 10
     rollout_batch: Positive = 64
     """Prompts per iteration."""
     group_size: Annotated[int, Field(ge=2)] = 8
@@ -78,8 +79,13 @@ def splits(cfg: Config) -> tuple[str, ...]:
     return ("rl_prompts",)
 
 
+def updates_at(cfg: Config, batches: int) -> int:
+    """Policy updates after `batches` iterations: `epochs` passes of minibatches each."""
+    return batches * cfg.epochs * -(-cfg.rollout_batch * cfg.group_size // cfg.minibatch_size)
+
+
 def policy_updates(cfg: Config) -> int:
-    return cfg.steps * cfg.epochs * -(-cfg.rollout_batch * cfg.group_size // cfg.minibatch_size)
+    return updates_at(cfg, cfg.steps)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool, eps: float = 1e-4) -> torch.Tensor:
@@ -174,8 +180,8 @@ class GRPO(Objective):
 
 
 def train(cfg: PipelineConfig, acfg: Config, spec: StageSpec, policy: GPT, reference: GPT,
-          tok: ChatTokenizer) -> tuple[CurveRecorder, dict, GPT | None]:
+          tok: ChatTokenizer, callbacks: list | None = None) -> tuple[CurveRecorder, dict, GPT | None]:
     module = GRPO(policy.train(), reference, tok, acfg, cfg.seed)
     data = PromptData(paths.PREPARED, acfg.rollout_batch, acfg.steps, cfg.seed)
-    trainer, curves, _ = fit(module, data, cfg, spec, validate=False, max_epochs=1, log_every=1)
+    trainer, curves, _ = fit(module, data, cfg, spec, callbacks=callbacks, validate=False, max_epochs=1, log_every=1)
     return curves, {"iterations": acfg.steps}, trained_module(trainer, module, "policy", gpt_like(policy))

@@ -70,6 +70,7 @@ class Config(RolloutConfig):
     """PPO against the reward model (conf/align/ppo.yaml)."""
 
     method: Literal["ppo"]
+    eval_every: Annotated[int, Field(ge=0)] = 10
     critic_warmup: Annotated[int, Field(ge=0)] = 5
     """Extra iterations first, updating only the critic."""
     rollout_batch: Positive = 256
@@ -110,9 +111,14 @@ def splits(cfg: Config) -> tuple[str, ...]:
     return ("rl_prompts",)
 
 
+def updates_at(cfg: Config, batches: int) -> int:
+    """Optimizer steps that moved the policy after `batches` iterations (the critic-only warmup ones move none)."""
+    per_iteration = cfg.ppo_epochs * -(-cfg.rollout_batch * cfg.samples_per_prompt // cfg.minibatch_size)
+    return max(0, batches - cfg.critic_warmup) * per_iteration
+
+
 def policy_updates(cfg: Config) -> int:
-    """Optimizer steps that move the policy (the critic-only warmup iterations are not among them)."""
-    return cfg.steps * cfg.ppo_epochs * -(-cfg.rollout_batch * cfg.samples_per_prompt // cfg.minibatch_size)
+    return updates_at(cfg, cfg.steps + cfg.critic_warmup)
 
 
 class AdaptiveKLController:
@@ -266,10 +272,10 @@ class PPO(Objective):
 
 
 def train(cfg: PipelineConfig, acfg: Config, spec: StageSpec, policy: GPT, reference: GPT,
-          tok: ChatTokenizer) -> tuple[CurveRecorder, dict, GPT | None]:
+          tok: ChatTokenizer, callbacks: list | None = None) -> tuple[CurveRecorder, dict, GPT | None]:
     reward_model = load_reward_model(policy.config, tok.sha256, REWARD)
     critic = load_reward_model(policy.config, tok.sha256, REWARD).drop_likelihood_term()  # TRL's default start
     module = PPO(policy.train(), reference, critic.train(), reward_model, tok, acfg, cfg.seed)
     data = PromptData(paths.PREPARED, acfg.rollout_batch, acfg.steps + acfg.critic_warmup, cfg.seed)
-    trainer, curves, _ = fit(module, data, cfg, spec, validate=False, max_epochs=1, log_every=1)
+    trainer, curves, _ = fit(module, data, cfg, spec, callbacks=callbacks, validate=False, max_epochs=1, log_every=1)
     return curves, {"iterations": acfg.steps}, trained_module(trainer, module, "policy", gpt_like(policy))
