@@ -12,8 +12,9 @@ pretraining, SFT and the reward model to every one of them, and each reruns alig
 method (a method with settings is written `name,key=value,...`; `dvc exp remove` an earlier comparison's
 experiments first: DVC refuses a name twice); `table` reads `dvc exp show --json` and lists,
 per experiment, the aligned checkpoint's exact match, its margin over SFT and over the control, the KL to SFT,
-the reward model's score, the verdict's and the live monitor's reward-hacking flags, the policy updates and
-align's wall time. DVC computes nothing of this; it stores each experiment's metrics, which this reads.
+the reward model's score, the verdict's and the live monitor's reward-hacking flags, the monitor's best exact
+match and its step, the policy updates and align's wall time, the highest exact match first. DVC computes none
+of this; it stores each experiment's metrics, which this reads.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ PREFIX = "cmp-"  # the queued experiments' names
 COLUMNS = (("experiment", "experiment"), ("method", "method"), ("exact_match", "exact match"),
            ("vs_sft", "vs SFT"), ("vs_control", "vs control"), ("beats_control", "beats control"),
            ("kl_to_sft", "KL to SFT"), ("reward", "RM score"), ("reward_hacking", "hacking (verdict)"),
-           ("live_hacking", "hacking (live)"), ("policy_updates", "policy updates"), ("align_s", "align s"))
+           ("live_hacking", "hacking (live)"), ("best", "best evaluation (step)"), ("policy_updates", "policy updates"),
+           ("align_s", "align s"))
 
 
 def queue_args(spec: str) -> tuple[str, list[str]]:
@@ -63,6 +65,8 @@ def row(name: str, data: dict) -> dict | None:
             "vs_control": verdict["exact_match_vs_control"], "beats_control": verdict["beats_control"],
             "kl_to_sft": aligned["kl_to_sft"], "reward": aligned["reward"],
             "reward_hacking": verdict["reward_hacking"], "live_hacking": align.get("eval/reward_hacking"),
+            "best": (f"{align['best_exact_match']:.3f} ({align['best_step']})" if "best_exact_match" in align
+                     else None),
             "policy_updates": align["policy_updates"], "align_s": align.get("wall_time_s")}
 
 
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stdout + proc.stderr, file=sys.stderr)
             return proc.returncode
         shown = json.loads(proc.stdout)
-    rows = [r for name, data in experiments(shown) if (r := row(name, data)) is not None]
+    rows = sorted((r for name, data in experiments(shown) if (r := row(name, data)) is not None),
+                  key=lambda r: (-r["exact_match"], r["experiment"]))  # the best first
     if not rows:
         print(f"no finished experiment named {PREFIX}*: queue some first (python -m pipeline.evaluation.compare "
               "queue ppo dpo ...; dvc queue start)", file=sys.stderr)
