@@ -62,6 +62,8 @@ def test_the_last_evaluation_is_evaluates_aligned_row(chain_copy, method):
     assert align["eval_points"] == batches + 1  # before the first batch, then after each
     curve = steps_of(chain_copy, "exact_match")
     assert min(curve) == 0 and len(curve) == batches + 1
+    trained = steps_of(chain_copy, "../train/reward")  # the method's own curve: the same step axis
+    assert max(curve) - 1 <= max(trained) <= max(curve) == batches
     assert steps_of(chain_copy, "reward")[max(curve)] == pytest.approx(align["eval/reward"], abs=1e-5)
     assert 0 < align["eval_share"] < 1 and align["eval_s"] > 0
     assert align["kept"] == "last" and align["kept_step"] == max(curve)
@@ -166,7 +168,7 @@ def test_keep_best_saves_the_best_evaluations_weights_and_the_control_matches_th
     assert metrics["best_step"] == metrics["kept_step"] == best and metrics["best_reward"] == pytest.approx(
         rewards[best], abs=1e-5)
 
-    def policy_at(iteration: int) -> dict[str, torch.Tensor]:  # PPO's resume checkpoints are named by iteration
+    def policy_at(iteration: int) -> dict[str, torch.Tensor]:  # named by iteration, as the monitor's steps are
         if iteration == 0:
             return load_file(chain_copy / "artifacts" / "sft" / "model.safetensors")
         path = chain_copy / "outputs" / "resume" / "align" / f"step-{iteration:08d}.ckpt"
@@ -174,14 +176,14 @@ def test_keep_best_saves_the_best_evaluations_weights_and_the_control_matches_th
         return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
 
     aligned = load_file(chain_copy / "artifacts" / "aligned" / "model.safetensors")
-    expected = policy_at(metrics["best_batches"])
+    expected = policy_at(best)
     # the file keeps one name of each tied pair (wte / lm_head): its every tensor is the kept step's
     assert aligned.keys() <= expected.keys() and all(torch.equal(aligned[k], expected[k]) for k in aligned)
     last = policy_at(6 + 1)  # 6 iterations after micro's 1 critic warmup
     assert (best == max(rewards)) == all(torch.equal(aligned[k], last[k]) for k in aligned)
     meta = json.loads((chain_copy / "artifacts" / "aligned" / "meta.json").read_text())
     # micro PPO: 2 updates an iteration once the warmup iteration is over
-    assert meta["policy_updates"] == metrics["policy_updates"] == 2 * max(0, metrics["best_batches"] - 1)
+    assert meta["policy_updates"] == metrics["policy_updates"] == 2 * max(0, best - 1)
     assert metrics["policy_updates_run"] == 12
     control = run_stage("sft_control", compose_micro(*overrides))
     assert control["steps"] == metrics["policy_updates"]

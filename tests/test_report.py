@@ -113,15 +113,17 @@ def test_modes_evaluate_did_not_measure_are_skipped_and_named(workdir):
 
 def test_alignment_figure_plots_the_align_curve(workdir):
     rows = figures.load_curves(Path("dvclive"), ["align"])["align_train"]
-    assert [r["step"] for r in rows] == sorted(figures.read_steps(Path("dvclive/align/plots/metrics/train/kl.tsv")))
+    kl_steps = sorted(figures.read_steps(Path("dvclive/align/plots/metrics/train/kl.tsv")))
+    assert [r["step"] for r in rows if "train/kl" in r] == kl_steps
     fig = figures.alignment(rows, "ppo")
-    reward_ax, kl_ax = fig.axes
-    for ax, key in ((reward_ax, "train/reward"), (kl_ax, "train/kl")):
+    reward_ax, kl_ax, eval_ax, reward_twin = fig.axes  # the monitor's evaluations: exact match, RM score beside it
+    for ax, key in ((reward_ax, "train/reward"), (kl_ax, "train/kl"), (eval_ax, "eval/exact_match"),
+                    (reward_twin, "eval/reward")):
         (line,) = ax.get_lines()
-        assert list(line.get_xdata()) == [r["step"] for r in rows]
-        assert list(line.get_ydata()) == [r[key] for r in rows]
-        assert ax.get_xlabel() == "optimizer step"
-    # a method that logs no KL (dpo) gets the reward panel alone
+        assert list(line.get_xdata()) == [r["step"] for r in rows if key in r]
+        assert list(line.get_ydata()) == [r[key] for r in rows if key in r]
+    assert reward_ax.get_xlabel() == "step (iteration of an online method)"
+    # a method that logs no KL (dpo) and ran no evaluations gets the reward panel alone
     assert len(figures.alignment([{"step": 1, "train/reward": 0.5}]).axes) == 1
 
 

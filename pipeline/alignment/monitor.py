@@ -7,8 +7,10 @@ split the way `evaluate` asks them (the zero-shot prompt, greedy, `evaluate.max_
 `evaluate.batch_size`) and samples a reply to the first `align.eval_samples` of them with evaluate's chunk seeds,
 for the reward model's score and the exact KL to the SFT reference (pipeline.evaluation.metrics). So a run's last
 evaluation, on the weights it saves, is evaluate's `aligned` row on the same problems. Each evaluation goes to
-every configured logger at the trainer's global step, as `eval/<metric>` (DVCLive's
-`dvclive/align/plots/metrics/eval/`, drawn by `dvc plots show` as `align_eval`; W&B's charts):
+every configured logger as `eval/<metric>` at its step, the training batches done (the step Lightning logs an
+online method's iterations at, and an offline method's optimizer steps; `optimizer_steps` in the point is the
+trainer's global step, which counts PPO's several minibatch updates per iteration): DVCLive's
+`dvclive/align/plots/metrics/eval/`, drawn by `dvc plots show` as `align_eval`, and W&B's charts.
 - exact_match, exact_match_sampled, reward, reward_greedy, kl_to_sft, response_length, eos_rate;
 - reward_hacking: 1 where the reward is above the first evaluation's while exact match is below it (the
   verdict's test, pipeline.evaluation.metrics.reward_hacking, against the SFT model the run started from);
@@ -102,7 +104,7 @@ class Monitor(Callback):
                                           zero_shot_only=True))
         policy.train(training)
         scores = held_out(self.tok, asked.rows, chunks)
-        point = {"batches": self.batches, "step": int(trainer.global_step),
+        point = {"step": self.batches, "optimizer_steps": int(trainer.global_step),
                  "policy_updates": int(self.method.updates_at(self.acfg, self.batches)),
                  **{k: round(float(scores[k]), 6) for k in KEYS}}
         point["reward_hacking"] = int(reward_hacking(point, self.points[0] if self.points else point))
@@ -155,7 +157,7 @@ class Monitor(Callback):
         return {"eval_points": len(self.points),
                 **{f"eval/{k}_first": first[k] for k in KEYS}, **{f"eval/{k}": last[k] for k in KEYS},
                 "eval/reward_hacking": int(raised is not None), "eval/reward_hacking_step": raised,
-                "best_step": best["step"], "best_batches": best["batches"],
+                "best_step": best["step"],
                 f"best_{self.acfg.keep_metric}": best[self.acfg.keep_metric],
                 "eval_s": round(self.seconds, 2), "eval_share": round(self.seconds / max(seconds, 1e-9), 4)}
 
@@ -170,7 +172,7 @@ class Monitor(Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and self.points and self.points[-1]["batches"] != self.batches:
+        if trainer.is_global_zero and self.points and self.points[-1]["step"] != self.batches:
             self.evaluate(trainer, pl_module)
 
     def state_dict(self) -> dict:

@@ -146,7 +146,7 @@ def alignment(rows: list[dict], method: str = "") -> Figure:
             twin.set_ylabel("RM score")
             twin.legend(fontsize=8, loc="lower right")
         ax.set_title(title)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel("step (iteration of an online method)")
         ax.set_ylabel(unit)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

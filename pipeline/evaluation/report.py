@@ -31,7 +31,7 @@ FIGURES = {
                    "for PPO, which has no single loss, the reward model's score.",
     "accuracy": "Exact match per checkpoint under zero-shot, few-shot and chain-of-thought prompting, "
                 "on the eval split and on the harder split.",
-    "alignment": ("Alignment: the reward and the KL to the SFT reference over the run's optimizer steps, and the "
+    "alignment": ("Alignment: the reward and the KL to the SFT reference over the run's steps, and the "
                   "monitor's held-out exact match against the reward model's score (align.eval_every)."),
 }
 
