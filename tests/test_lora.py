@@ -109,8 +109,10 @@ def test_sft_trains_adapters_only_and_saves_a_plain_merged_model(work, sft):
     assert_low_rank_update(weights(work, "pretrain"), weights(work, "sft"))
 
 
-def test_the_control_trains_adapters_as_sft_did(work, sft):
+def test_the_control_trains_adapters_as_sft_did(work, sft, reward):
+    aligned = run(work, "align")  # the control trains as many steps as the aligned weights had updates
     metrics = run(work, "sft_control")
+    assert metrics["steps"] == aligned["policy_updates"] > 0
     assert metrics["params_trainable"] == sft["params_trainable"] and meta(work, "sft_control")["peft"]["r"] == RANK
     assert_low_rank_update(weights(work, "sft"), weights(work, "sft_control"))
 

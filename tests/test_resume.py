@@ -27,8 +27,8 @@ from pipeline.io import file_sha256
 from conftest import KILLS, compose_micro, seeded_workspace
 from wandb_records import run_info
 
-TIMING = {"wall_time_s", "tokens_per_sec", "mfu", "generation_s_per_iteration", "training_s_per_iteration",
-          "generation_share"}  # measured, not computed: differ between any two runs
+TIMING = {"wall_time_s", "eval_s", "eval_share", "tokens_per_sec", "mfu", "generation_s_per_iteration",
+          "training_s_per_iteration", "generation_share"}  # measured, not computed: differ between any two runs
 # the reference run is in-process, from this checkout (another commit, another config): another run id
 NOT_COMPARED = TIMING | {"run_id"}
 
