@@ -3,6 +3,8 @@
     gpt-pipeline chat --stage aligned       # interactive; /reset, /temp 0.7, /topk 20, /topp 0.9, /rep 1.2, /quit
     gpt-pipeline generate --stage sft --prompt "What is 12 + 30?"
     gpt-pipeline export --stage aligned --out hf/       # a transformers directory (pipeline/interop/hf.py)
+    gpt-pipeline serve --stage aligned --port 8000      # an OpenAI-compatible API and a chat page (pipeline/serving)
+    gpt-pipeline lm-eval                                # artifacts/export through lm-evaluation-harness
 
 Run from the project root (checkpoints and the tokenizer are read from `artifacts/`). `--stage` names a
 language-model checkpoint of the chain (pipeline.inference.chat keeps the conversation). The model runs on
@@ -64,8 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off; e.g. 1.2")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--system", default=None, help="a system message opening the conversation")
         if name == "generate":
             p.add_argument("--prompt", required=True)
+    from pipeline.evaluation import lmeval
+    lmeval.add_arguments(sub.add_parser("lm-eval", help="evaluate an export with EleutherAI's lm-evaluation-harness "
+                                        "(pip install 'gpt-pipeline[lm-eval]')"))
+    from pipeline.serving import add_arguments as serve_arguments
+    serve_arguments(sub.add_parser("serve", help="an OpenAI-compatible API and a chat page (pip install "
+                                   "'gpt-pipeline[serve]')"), models)
     p = sub.add_parser("export", help="write a checkpoint as a transformers directory (GPT-2 or Llama family)")
     p.add_argument("--stage", default="aligned", choices=models)
     p.add_argument("--out", required=True, help="directory to write (replaced if it holds an earlier export)")
@@ -132,16 +141,36 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    import importlib.util
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"gpt-pipeline serve: {', '.join(missing)} not installed: pip install 'gpt-pipeline[serve]'",
+              file=sys.stderr)
+        return 2
+    from pipeline.serving import serve as run_server
+    try:
+        return run_server(args, _config())
+    except (FileNotFoundError, ValueError) as err:
+        print(f"gpt-pipeline: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "export":
         return export(args)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "lm-eval":
+        from pipeline.evaluation import lmeval
+        return lmeval.run(args)
     try:
         model, tok, sampling, placement = _load(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"gpt-pipeline: {err}", file=sys.stderr)
         return 2
-    chat = Chat(model, tok, sampling, args.seed, placement)
+    chat = Chat(model, tok, sampling, args.seed, placement, system=args.system)
     if args.command == "generate":
         chat.reply(args.prompt)
         return 0

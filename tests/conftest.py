@@ -247,3 +247,61 @@ def seeded_workspace(path: Path, *overrides: str) -> Path:
     finally:
         os.chdir(old)
     return path
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chain_copy(chain: Path, dest: Path) -> Path:
+    """The micro chain's data and checkpoints copied into `dest`, with the micro config as its params.yaml (what
+    the CLI reads), for `gpt-pipeline serve` and the CLI: its checkpoints are trained, so they answer in text."""
+    from omegaconf import OmegaConf
+    for part in ("artifacts", "data"):
+        shutil.copytree(chain / part, dest / part)
+    OmegaConf.save(compose_micro(), dest / "params.yaml")
+    return dest
+
+
+class Server:
+    """`gpt-pipeline serve` in a process of its own (`start`), on a free local port: `url`, `log`, `stop`."""
+
+    def __init__(self, workspace: Path, *args: str) -> None:
+        self.workspace, self.args, self.port = workspace, args, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workspace / f"serve-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> Server:
+        import urllib.request
+        out = self.log.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port),
+                                      *self.args], cwd=self.workspace, stdout=out, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gpt-pipeline serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"gpt-pipeline serve did not answer /health in {timeout} s:\n{self.log.read_text()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -92,6 +92,26 @@ def test_tokenizer_round_trips_and_renders_the_chat_template(pipeline_side, expo
     assert list(rendered) == tok.chat(messages)[0]
 
 
+def test_a_system_message_is_folded_into_the_first_user_turn_in_both_templates(pipeline_side, exported):
+    _, tok = pipeline_side
+    hf = transformers.AutoTokenizer.from_pretrained(str(exported), local_files_only=True)
+    system = {"role": "system", "content": "Answer with a number."}
+    turns = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"},
+             {"role": "user", "content": "And 1 + 1?"}]
+    for messages in ([system, turns[0]], [system, *turns]):
+        ours = tok.render(messages, add_generation_prompt=True)
+        theirs = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert list(theirs) == ours
+        assert ours == tok.render([{"role": "user", "content": "Answer with a number.\n\nWhat is 12 + 30?"},
+                                   *messages[2:]], add_generation_prompt=True)
+    assert tok.chat([system, *turns, {"role": "assistant", "content": "2"}])[1].count(tok.end_id) == 2  # labels
+    for bad in ([system], [system, turns[1]]):
+        with pytest.raises(ValueError, match="system message must be followed by a user message"):
+            tok.render(bad)
+        with pytest.raises(Exception, match="system message must be followed by a user message"):
+            hf.apply_chat_template(bad, tokenize=False)
+
+
 def test_sinusoidal_bias_free_model_exports_exactly(tmp_path):
     """Sinusoidal positions become GPT-2's position table; a bias-free model gets zero biases."""
     torch.manual_seed(0)

@@ -113,9 +113,10 @@ class ChatTokenizer:
         return [self.bos_id, self.user_id, *self.encode(question), self.assistant_id]
 
     def chat(self, messages: list[dict], with_end: bool = True) -> tuple[list[int], list[int]]:
-        """(input ids, labels) of a conversation of alternating user and assistant messages: labels are
-        IGNORE_INDEX except on every assistant reply and its end token (`with_end=False` leaves the last
-        reply open)."""
+        """(input ids, labels) of a conversation of alternating user and assistant messages, after an optional
+        leading system message (folded into the first user turn: `fold_system`): labels are IGNORE_INDEX except
+        on every assistant reply and its end token (`with_end=False` leaves the last reply open)."""
+        messages = fold_system(messages)
         ids, labels = [self.bos_id], [IGNORE_INDEX]
         for i, message in enumerate(messages):
             role = "user" if i % 2 == 0 else "assistant"
@@ -142,7 +143,7 @@ class ChatTokenizer:
         exported Jinja template, `hf_tokenizer_config`, renders it). A message may carry `ids`, the exact tokens
         of its content (a sampled reply), which are used instead of encoding its text again."""
         ids, _ = self.chat(messages)
-        last = messages[-1]["role"] if messages else None
+        last = messages[-1]["role"] if messages else None  # a lone system message is refused by chat()
         if add_generation_prompt and last != "user":
             ids.append(self.assistant_id)
         elif not add_generation_prompt and last == "user":
@@ -277,20 +278,47 @@ class TemplateTokenizer(ChatTokenizer):
                 "model_max_length": block_size, "clean_up_tokenization_spaces": False, "chat_template": t.source}
 
 
+SYSTEM_SEPARATOR = "\n\n"  # between a folded system message and the first user message
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """`messages` with a leading system message folded into the first user message (its content, a blank line,
+    the user's content), the way the exported template folds it: the pipeline's models have no system role token,
+    and a new one would change the tokenizer (and so every checkpoint). Other messages are returned as they are."""
+    if not messages or messages[0].get("role") != "system":
+        return messages
+    if len(messages) < 2 or messages[1].get("role") != "user":
+        raise ValueError("a system message must be followed by a user message")
+    system, user = messages[0]["content"], messages[1]
+    folded = {"role": "user", "content": system + SYSTEM_SEPARATOR + user["content"]}
+    return [folded, *messages[2:]]  # a folded turn is text: its `ids`, if any, no longer describe it
+
+
 def chat_template(special_tokens: Sequence[str]) -> str:
     """Jinja rendering of ChatTokenizer.chat/prompt: <|bos|> (<|user|> q <|assistant|> a <|end|>)* ...
 
     The user turn ends where the assistant's begins, so `add_generation_prompt=True` after a user
-    message gives exactly `ChatTokenizer.prompt(q)`. Unlike the pipeline's token-level template, a
-    string template lets message text that spells a special token become that token.
+    message gives exactly `ChatTokenizer.prompt(q)`. A leading system message is folded into the first
+    user turn (`fold_system`), which OpenAI-style clients send. Unlike the pipeline's token-level template,
+    a string template lets message text that spells a special token become that token.
     """
     _, bos, user, assistant, end = special_tokens[:5]
+    sep = SYSTEM_SEPARATOR.replace("\n", "\\n")
     return ("{{ '" + bos + "' }}"
+            "{% set system = '' %}"
+            "{% if messages and messages[0]['role'] == 'system' %}"
+            "{% if messages | length < 2 or messages[1]['role'] != 'user' %}"
+            "{{ raise_exception('a system message must be followed by a user message') }}"
+            "{% endif %}"
+            "{% set system = messages[0]['content'] + '" + sep + "' %}"
+            "{% set messages = messages[1:] %}"
+            "{% endif %}"
             "{% for message in messages %}"
             "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
             "{{ raise_exception('a conversation alternates user and assistant messages, starting with the user') }}"
             "{% endif %}"
-            "{% if message['role'] == 'user' %}{{ '" + user + "' + message['content'] }}"
+            "{% if message['role'] == 'user' %}"
+            "{{ '" + user + "' + (system if loop.first else '') + message['content'] }}"
             "{% else %}{{ '" + assistant + "' + message['content'] + '" + end + "' }}{% endif %}"
             "{% endfor %}"
             "{% if add_generation_prompt %}{{ '" + assistant + "' }}{% endif %}")

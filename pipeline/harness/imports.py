@@ -33,7 +33,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.alignment",),
     ("pipeline.harness",),
     ("stages",),
-    ("pipeline.__main__", "pipeline.cli", "pipeline.harness.dvcfile"),  # commands: they build the chain
+    ("pipeline.__main__", "pipeline.cli", "pipeline.harness.dvcfile",  # commands: they build the chain,
+     "pipeline.serving"),                                              # or serve its checkpoints
 )
 
 

@@ -31,10 +31,13 @@ class Chat:
     """A conversation with one model: history in the chat template, streamed replies."""
 
     def __init__(self, model: GPT, tok: ChatTokenizer, sampling: SamplingConfig, seed: int,
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, system: str | None = None) -> None:
         """`placement`: where `model` was put (its autocast wraps every reply). The sampler's generator is made
-        on the model's device at the first reply."""
+        on the model's device at the first reply. `system`: a system message that opens every prompt (the
+        template folds it into the first user turn: `pipeline.data.tokenizer.fold_system`), kept when old turns
+        are dropped."""
         self.model, self.tok, self.sampling, self.seed = model, tok, sampling, seed
+        self.system = [{"role": "system", "content": system}] if system else []
         self.autocast = placement.autocast if placement is not None else nullcontext
         self.generator: torch.Generator | None = None
         self.turns: list[tuple[list[int], list[int]]] = []  # (user ids, reply ids incl. end)
@@ -45,7 +48,7 @@ class Chat:
         ask = {"role": "user", "content": question}
         turns = list(self.turns)
         while True:
-            ids = self.tok.render([*self.history(turns), ask], add_generation_prompt=True)
+            ids = self.tok.render([*self.system, *self.history(turns), ask], add_generation_prompt=True)
             if len(ids) <= room or not turns:
                 return ids[-room:] if len(ids) > room else ids
             turns.pop(0)
