@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, venv_env
+from conftest import REPO, chain_copy, venv_env
 
 
 def last_json_line(*args: str, timeout: int) -> dict:
@@ -54,3 +54,10 @@ def test_hf_llama_quick_compares_both_models_on_the_same_weights():
     result = last_json_line("benchmarks.hf_llama", "--quick", timeout=180)
     assert result["max_logit_gap"] < 1e-4  # imported through model.init_from: the same function
     assert result["ratio_forward"] > 0 and result["ratio_train"] > 0 and result["pipeline_train_tok_s"] > 0
+
+
+def test_serving_quick_compares_one_client_with_two(micro_chain, tmp_path):
+    workspace = chain_copy(micro_chain, tmp_path)
+    result = last_json_line("benchmarks.serving", "--quick", "--workspace", str(workspace), timeout=180)
+    assert result["req_s_1"] > 0 and result["req_s_2"] > 0 and result["ratio_req_s_2"] > 0
+    assert result["tokens_1"] == result["tokens_2"] > 0  # temperature 0: the same replies either way

@@ -180,6 +180,7 @@ BAD = [
     ("five stop strings", {"model": "aligned", "messages": ask("hi"), "stop": list("abcde")}, 400, "stop"),
     ("a penalty", {"model": "aligned", "messages": ask("hi"), "presence_penalty": 1.0}, 400, None),
     ("the body a list", [1, 2, 3], 400, None),
+    ("n past its bound", {"model": "aligned", "messages": ask("hi"), "n": 17}, 400, "n"),
     ("temperature a word", {"model": "aligned", "messages": ask("hi"), "temperature": "hot"}, 400, "temperature"),
 ]
 
@@ -204,6 +205,10 @@ def test_the_official_client_sees_openai_errors(client):
         client.chat.completions.create(model="aligned", messages=ask("seven " * 400))
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="aligned", prompt="hi", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="more than 64 completions"):
+        client.completions.create(model="aligned", prompt=["hi"] * 9, n=8, max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="empty list"):
+        client.completions.create(model="aligned", prompt=[], max_tokens=1)
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(server, client):
@@ -222,3 +227,17 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, client):
     assert health(server)["pending"] == 0
     r = client.chat.completions.create(model="aligned", messages=ask(QUESTION), temperature=0, max_tokens=8)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_request_joins_a_running_batch_and_answers_as_if_alone(server, client):
+    alone = client.completions.create(model="pretrain", prompt="A", max_tokens=6, temperature=0).choices[0].text
+    long = {"model": "pretrain", "prompt": "The", "max_tokens": 120, "temperature": 1.0, "seed": 3, "stream": True}
+    waves = health(server)["waves"]
+    with httpx.stream("POST", server.url + "/v1/completions", json=long, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # the long request is decoding
+        joined = client.completions.create(model="pretrain", prompt="A", max_tokens=6, temperature=0)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert joined.choices[0].text == alone
+    assert rest[-1] == "data: [DONE]" and len(rest) > 60  # the long one went on decoding meanwhile
+    assert health(server)["waves"] == waves + 1, "the second request joined the running batch"

@@ -20,8 +20,9 @@ def add_arguments(p: argparse.ArgumentParser, models: list[str]) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="most rows decoded together")
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="how long an idle server waits for more requests to batch with the first")
+    p.add_argument("--batch-window-ms", type=float, default=0.0,
+                   help="how long an idle server waits for more requests before its first step (requests "
+                        "also join a running batch between steps)")
 
 
 def catalog(tok_sha256: str, default: str) -> dict:

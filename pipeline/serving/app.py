@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.serving.engine import Engine, Job
-from pipeline.serving.protocol import APIError, ChatRequest, CompletionRequest, Sampling, error_body
+from pipeline.serving.protocol import MAX_CHOICES, APIError, ChatRequest, CompletionRequest, Sampling, error_body
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,9 @@ def create_app(tok: ChatTokenizer, engine: Engine, checkpoints: dict[str, Checkp
 
     def jobs(req: Sampling, prompts: list[list[int]], choices: Choices) -> list[Job]:
         ckpt = checkpoint(req.model)
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} ask for more than {MAX_CHOICES} completions in "
+                           "one request: split it", param="n")
         budgets = [budget(req, ckpt, p) for p in prompts]
         base = req.seed if req.seed is not None else random.randrange(2**31)
         out = []

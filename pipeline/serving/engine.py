@@ -1,19 +1,23 @@
-"""The server's generation loop: requests that arrive together decode together, through the KV cache.
+"""The server's generation loop: concurrent requests decode together, through the KV cache.
 
 One thread owns the models and the device. Handlers submit `Job`s (one per choice of a request: its prompt ids,
-sampling settings, stop strings and a callback); the thread takes every job waiting, after a short window that
-lets clients arriving together meet, and decodes them as one left-padded batch, one token per row per step
-(`pipeline.inference.sampling`'s padding and filtering; per-row temperature, top-p and generator, which the
-stages' sampler, one setting per batch, has no need for). A wave runs until its last row stops; jobs that arrive
-meanwhile wait for the next one (static batching: a row can't join a left-padded cache mid-wave). A wave never
-needs more positions than the model's context: a job that would push it past `block_size` waits for the next.
+sampling settings, stop strings and a callback). The thread decodes the oldest waiting job's model in a wave: one
+left-padded batch, one token per row per step, each row with its own temperature, top-p and generator (the
+stages' sampler, `pipeline.inference.sampling`, has one setting per batch and no need for more). Between steps
+rows join and leave (continuous batching): a finished or cancelled row is dropped from the batch and its cache,
+and a waiting job of the same model joins by prefilling its prompt, left-padded to the cache's current length,
+through a cache of its own that is appended to the wave's. A job whose prompt is longer than that length waits a
+few steps (the cache grows by one position a step); one whose tokens would not fit in the rest of the context
+waits for the next wave, which starts once this one drains.
+An optional window (`window_s`) lets an idle server wait for more requests before its first step.
 
 Each row reports its new text as it is decoded: text a stop string could still begin, or an incomplete UTF-8
-character, is held back until it is settled. A cancelled job (its client went away) stops at the next step and
-frees its row. An exception in a wave fails that wave's jobs with the error and the thread serves on.
+character, is held back until it is settled. A cancelled job (its client went away) leaves at the next step. An
+exception in a wave fails that wave's jobs with the error and the thread serves on.
 
 Written here rather than taken from a serving library: vLLM and TGI need CUDA and their own model code; the
-pipeline's `GPT` (any architecture it loads) is what must be served, with its own KV cache.
+pipeline's `GPT` (any architecture it loads) is what must be served, with its own KV cache (`KVCache`, whose
+tensors a join concatenates and a departure indexes: one integer length for all rows, as the cache is made).
 """
 from __future__ import annotations
 
@@ -28,8 +32,9 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.data.tokenizer import ChatTokenizer
-from pipeline.inference.sampling import filter_logits, left_pad
+from pipeline.inference.sampling import filter_logits
 from pipeline.model.gpt import GPT
+from pipeline.model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +89,23 @@ class Row:
             self.job.emit("done", (self.finish, len(self.ids)))
 
 
+def pad_left(prompts: list[list[int]], width: int, pad_id: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) of `prompts` right-aligned in `width` columns (a joining job meets the wave's cache
+    length, which can exceed its longest prompt)."""
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
 class Engine:
     """The generation thread: `submit` jobs from any thread; `start` and `stop` it."""
 
     def __init__(self, load: Callable[[str], GPT], tok: ChatTokenizer, *, max_batch: int = 16,
-                 window_s: float = 0.01, autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+                 window_s: float = 0.0, autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
         """`load(name)` returns model `name`, placed on its device (called on the thread, once per model)."""
         self.load, self.tok, self.max_batch, self.window_s, self.autocast = load, tok, max_batch, window_s, autocast
         self.models: dict[str, GPT] = {}
@@ -99,6 +116,7 @@ class Engine:
         self.waves = 0  # waves decoded so far, the most rows one held, jobs cancelled: what /health reports
         self.widest = 0
         self.cancelled = 0
+        self.stopping = False
 
     def start(self) -> None:
         self.thread.start()
@@ -122,93 +140,151 @@ class Engine:
     # ------------------------------------------------------------------ the thread
 
     def serve(self) -> None:
-        while True:
+        while not self.stopping:
             if not self.waiting:
                 first = self.jobs.get()
                 if first is None:
                     return
                 self.waiting.append(first)
-                time.sleep(self.window_s)  # let the requests that arrive together meet
-            while True:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    return
-                self.waiting.append(job)
-            wave = self.take_wave()
-            if wave:
-                self.run_wave(wave)
+                if self.window_s:
+                    time.sleep(self.window_s)
+            self.collect()
+            name = self.oldest()
+            if name is not None:
+                self.run_wave(name)
 
-    def take_wave(self) -> list[Job]:
-        """The oldest waiting job's model's jobs, oldest first, as many as fit one batch in the context."""
+    def collect(self) -> None:
+        """Move what the queue holds into `waiting` (without blocking); note a stop."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:
+                self.stopping = True
+                return
+            self.waiting.append(job)
+
+    def oldest(self) -> str | None:
+        """The model of the oldest waiting job, loaded; drops cancelled jobs, fails the jobs of a model that can't
+        load."""
         gone = [j for j in self.waiting if j.cancelled.is_set()]  # their clients left before they started
         self.cancelled += len(gone)
         self.waiting = [j for j in self.waiting if not j.cancelled.is_set()]
         if not self.waiting:
-            return []
+            return None
         name = self.waiting[0].model
         try:
-            block = self.model(name).config.block_size
+            self.model(name)
         except Exception as err:  # a checkpoint that fails to load fails its jobs, not the server
             failed = [j for j in self.waiting if j.model == name]
             self.waiting = [j for j in self.waiting if j.model != name]
             for job in failed:
                 job.emit("error", f"checkpoint {name!r} failed to load: {err}")
-            return []
-        wave, later, width, budget = [], [], 0, 0
+            return None
+        return name
+
+    def joining(self, name: str, length: int | None, rows: int, span: int) -> list[Job]:
+        """The waiting jobs of model `name` that can join a wave whose cache holds `length` positions (None: a new
+        wave) and `rows` rows, oldest first: as many as `max_batch` allows, each with a prompt no longer than
+        `length` and room for its tokens in the cache's `span`."""
+        self.collect()
+        take, later = [], []
+        width, budget = length or 0, 0  # a new wave's width is its longest prompt
         for job in self.waiting:
-            w, b = max(width, len(job.prompt)), max(budget, job.max_tokens)
-            if job.model == name and len(wave) < self.max_batch and w + b <= block:
-                wave.append(job)
+            fits = job.model == name and rows + len(take) < self.max_batch and not job.cancelled.is_set()
+            w, b = (length, job.max_tokens) if length is not None else (max(width, len(job.prompt)),
+                                                                        max(budget, job.max_tokens))
+            if fits and len(job.prompt) <= w and w + b <= span:
+                take.append(job)
                 width, budget = w, b
             else:
                 later.append(job)
         self.waiting = later
-        return wave
+        return take
 
-    def run_wave(self, jobs: list[Job]) -> None:
-        rows = [Row(j) for j in jobs]
+    def run_wave(self, name: str) -> None:
+        rows: list[Row] = []
         try:
             with self.autocast():
-                self.decode(self.model(jobs[0].model), rows)
+                self.decode(self.model(name), name, rows)
         except Exception as err:
             log.exception("generation failed for a batch of %d", len(rows))
             for row in rows:
                 if row.finish is None:
                     row.job.emit("error", f"generation failed: {type(err).__name__}: {err}")
         self.waves += 1
-        self.widest = max(self.widest, len(rows))
+
+    def pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token: greedy, or sampled with its temperature, top-p and generator."""
+        nxt = logits.argmax(-1)
+        for i, row in enumerate(rows):
+            job = row.job
+            if job.temperature > 0:
+                scaled = filter_logits(logits[i:i + 1] / job.temperature, 0, job.top_p)
+                nxt[i] = torch.multinomial(torch.softmax(scaled, -1), 1, generator=row.generator)[0, 0]
+        return nxt.tolist()
+
+    def advance(self, rows: list[Row], tokens: list[int]) -> None:
+        for row, token in zip(rows, tokens):
+            if row.job.cancelled.is_set():
+                row.finish = "cancelled"  # its client left: its row is dropped below
+                self.cancelled += 1
+            else:
+                row.advance(token, self.tok, self.stop_ids)
 
     @torch.no_grad()
-    def decode(self, model: GPT, rows: list[Row]) -> None:
+    def decode(self, model: GPT, name: str, rows: list[Row]) -> None:
+        """Decode a wave of model `name` until its last row stops; `rows` (filled here) are the live rows.
+
+        Each step feeds every live row its last token through the shared cache. Between steps, finished rows
+        leave the batch (their cache rows dropped) and waiting jobs join: each prompt, left-padded to the
+        cache's length, is prefilled through a cache of its own, which is then appended to the wave's. The cache
+        spans the model's context (the model refuses a longer one), so a job joins only while the cache's length
+        plus its `max_tokens` fit in it: one asking for the whole rest of the context (no `max_tokens`) joins
+        only a wave no longer than its prompt, else waits for the next."""
         device = model.wte.weight.device
-        ids, mask = left_pad([r.job.prompt for r in rows], self.tok.pad_id, device)
-        B, budget = len(rows), max(r.job.max_tokens for r in rows)
-        cache = model.new_kv_cache(B, ids.size(1) + budget)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for row in rows:
-            if row.job.temperature > 0:
-                row.generator = torch.Generator(device=device).manual_seed(row.job.seed)
-        step_ids, step_mask = ids, mask
-        for _ in range(budget):
-            logits = model(step_ids, attention_mask=step_mask, kv_cache=cache)[:, -1].float()
-            nxt = logits.argmax(-1)
-            for i, row in enumerate(rows):
-                job = row.job
-                if row.finish is None and job.temperature > 0:
-                    scaled = filter_logits(logits[i:i + 1] / job.temperature, 0, job.top_p)
-                    nxt[i] = torch.multinomial(torch.softmax(scaled, -1), 1, generator=row.generator)[0, 0]
-            tokens = nxt.tolist()
-            for i, row in enumerate(rows):
-                if row.finish is None and row.job.cancelled.is_set():
-                    row.finish = "cancelled"  # its row decodes padding until the wave ends
-                    self.cancelled += 1
-                if row.finish is None:
-                    row.advance(tokens[i], self.tok, self.stop_ids)
-            done = torch.tensor([r.finish is not None for r in rows], device=device)
-            if done.all():
+        span = model.config.block_size
+        cache: KVCache | None = None
+        feed = torch.empty(0, dtype=torch.long, device=device)  # each live row's last token, fed next step
+        while True:
+            if rows:
+                logits = model(feed[:, None], attention_mask=torch.ones_like(feed, dtype=torch.bool)[:, None],
+                               kv_cache=cache)[:, -1].float()
+                tokens = self.pick(rows, logits)
+                self.advance(rows, tokens)
+                feed = torch.tensor(tokens, dtype=torch.long, device=device)
+                keep = [i for i, r in enumerate(rows) if r.finish is None]
+                if len(keep) < len(rows):
+                    index = torch.tensor(keep, dtype=torch.long, device=device)
+                    cache.k, cache.v = cache.k.index_select(1, index), cache.v.index_select(1, index)
+                    cache.key_mask = cache.key_mask.index_select(0, index)
+                    rows[:], feed = [rows[i] for i in keep], feed[index]
+            new = self.joining(name, cache.length if rows else None, len(rows), span)
+            if new:
+                width = cache.length if rows else max(len(j.prompt) for j in new)
+                ids, mask = pad_left([j.prompt for j in new], width, self.tok.pad_id, device)
+                joined = model.new_kv_cache(len(new), span)
+                logits = model(ids, attention_mask=mask, kv_cache=joined)[:, -1].float()
+                fresh = [Row(j) for j in new]
+                for row in fresh:
+                    if row.job.temperature > 0:
+                        row.generator = torch.Generator(device=device).manual_seed(row.job.seed)
+                tokens = self.pick(fresh, logits)
+                self.advance(fresh, tokens)
+                live = [i for i, r in enumerate(fresh) if r.finish is None]
+                if live:
+                    index = torch.tensor(live, dtype=torch.long, device=device)
+                    if not rows:
+                        cache = joined
+                        cache.k, cache.v = cache.k.index_select(1, index), cache.v.index_select(1, index)
+                        cache.key_mask = cache.key_mask.index_select(0, index)
+                    else:
+                        cache.k = torch.cat([cache.k, joined.k.index_select(1, index)], 1)
+                        cache.v = torch.cat([cache.v, joined.v.index_select(1, index)], 1)
+                        cache.key_mask = torch.cat([cache.key_mask, joined.key_mask.index_select(0, index)], 0)
+                    rows.extend(fresh[i] for i in live)
+                    feed = torch.cat([feed, torch.tensor([tokens[i] for i in live], dtype=torch.long, device=device)])
+                    self.widest = max(self.widest, len(rows))
+            if not rows:
                 return
-            nxt = torch.where(done, torch.full_like(nxt, self.tok.pad_id), nxt)
-            step_ids, step_mask = nxt[:, None], ~done[:, None]

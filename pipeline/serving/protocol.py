@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
+MAX_CHOICES = 64  # prompts x n of one request: a bigger one is refused, not queued for minutes
 MAX_STOPS = 4
 
 
