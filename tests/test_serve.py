@@ -241,3 +241,52 @@ def test_a_request_joins_a_running_batch_and_answers_as_if_alone(server, client)
     assert joined.choices[0].text == alone
     assert rest[-1] == "data: [DONE]" and len(rest) > 60  # the long one went on decoding meanwhile
     assert health(server)["waves"] == waves + 1, "the second request joined the running batch"
+
+
+def test_an_error_in_generation_fails_its_requests_and_the_engine_serves_on(workspace, monkeypatch):
+    import queue as queues
+
+    from omegaconf import OmegaConf
+
+    from pipeline.config.root import load_config
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.model.handoff import load_gpt
+    from pipeline.serving.engine import Engine, Job
+
+    monkeypatch.chdir(workspace)
+    cfg = load_config(OmegaConf.load("params.yaml"))
+    tok = load_tokenizer(cfg.tokenizer.special_tokens)
+    model = load_gpt("aligned", tok.sha256)[0]
+    engine = Engine(lambda name: model, tok)
+    engine.start()
+    events: queues.Queue = queues.Queue()
+
+    def job(prompt: list[int]) -> Job:
+        return Job("aligned", prompt, 4, 0.0, 1.0, (), 0, lambda kind, payload: events.put((kind, payload)))
+
+    def outcome() -> tuple[str, object]:
+        while True:
+            kind, payload = events.get(timeout=30)
+            if kind != "delta":
+                return kind, payload
+
+    forward = type(model).forward
+    calls = {"n": 0}
+
+    def broken(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a device fault")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", broken)
+    try:
+        engine.submit([job(tok.prompt(QUESTION))])
+        kind, message = outcome()
+        assert kind == "error" and "a device fault" in message  # the request fails, naming the cause
+        engine.submit([job(tok.prompt(QUESTION))])
+        kind, (finish, tokens) = outcome()
+        assert kind == "done" and finish in ("stop", "length") and 1 <= tokens <= 4  # the thread serves on
+        assert engine.thread.is_alive()
+    finally:
+        engine.stop()

@@ -148,10 +148,13 @@ class Engine:
                 self.waiting.append(first)
                 if self.window_s:
                     time.sleep(self.window_s)
-            self.collect()
-            name = self.oldest()
-            if name is not None:
-                self.run_wave(name)
+            try:
+                self.collect()
+                name = self.oldest()
+                if name is not None:
+                    self.run_wave(name)
+            except Exception:  # a bug here must not stop the thread, which every request waits on
+                log.exception("the generation thread's loop failed; serving on")
 
     def collect(self) -> None:
         """Move what the queue holds into `waiting` (without blocking); note a stop."""
@@ -204,15 +207,16 @@ class Engine:
         return take
 
     def run_wave(self, name: str) -> None:
-        rows: list[Row] = []
+        admitted: list[Row] = []  # every row the wave took: an error fails those not yet finished
         try:
             with self.autocast():
-                self.decode(self.model(name), name, rows)
+                self.decode(self.model(name), name, admitted)
         except Exception as err:
-            log.exception("generation failed for a batch of %d", len(rows))
-            for row in rows:
-                if row.finish is None:
-                    row.job.emit("error", f"generation failed: {type(err).__name__}: {err}")
+            live = [row for row in admitted if row.finish is None]
+            log.exception("generation failed for a batch of %d", len(live))
+            for row in live:
+                row.finish = "error"
+                row.job.emit("error", f"generation failed: {type(err).__name__}: {err}")
         self.waves += 1
 
     def pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
@@ -234,8 +238,8 @@ class Engine:
                 row.advance(token, self.tok, self.stop_ids)
 
     @torch.no_grad()
-    def decode(self, model: GPT, name: str, rows: list[Row]) -> None:
-        """Decode a wave of model `name` until its last row stops; `rows` (filled here) are the live rows.
+    def decode(self, model: GPT, name: str, admitted: list[Row]) -> None:
+        """Decode a wave of model `name` until its last row stops; `admitted` receives every row it takes.
 
         Each step feeds every live row its last token through the shared cache. Between steps, finished rows
         leave the batch (their cache rows dropped) and waiting jobs join: each prompt, left-padded to the
@@ -246,6 +250,7 @@ class Engine:
         device = model.wte.weight.device
         span = model.config.block_size
         cache: KVCache | None = None
+        rows: list[Row] = []  # the live rows, in the cache's row order
         feed = torch.empty(0, dtype=torch.long, device=device)  # each live row's last token, fed next step
         while True:
             if rows:
@@ -259,14 +264,15 @@ class Engine:
                     index = torch.tensor(keep, dtype=torch.long, device=device)
                     cache.k, cache.v = cache.k.index_select(1, index), cache.v.index_select(1, index)
                     cache.key_mask = cache.key_mask.index_select(0, index)
-                    rows[:], feed = [rows[i] for i in keep], feed[index]
+                    rows, feed = [rows[i] for i in keep], feed[index]
             new = self.joining(name, cache.length if rows else None, len(rows), span)
             if new:
+                fresh = [Row(j) for j in new]
+                admitted.extend(fresh)
                 width = cache.length if rows else max(len(j.prompt) for j in new)
                 ids, mask = pad_left([j.prompt for j in new], width, self.tok.pad_id, device)
                 joined = model.new_kv_cache(len(new), span)
                 logits = model(ids, attention_mask=mask, kv_cache=joined)[:, -1].float()
-                fresh = [Row(j) for j in new]
                 for row in fresh:
                     if row.job.temperature > 0:
                         row.generator = torch.Generator(device=device).manual_seed(row.job.seed)
