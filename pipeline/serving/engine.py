@@ -30,9 +30,10 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.data.tokenizer import ChatTokenizer
-from pipeline.inference.sampling import filter_logits
+from pipeline.inference.sampling import filter_logits, left_pad
 from pipeline.model.gpt import GPT
 from pipeline.model.kv_cache import KVCache
 
@@ -91,14 +92,11 @@ class Row:
 
 def pad_left(prompts: list[list[int]], width: int, pad_id: int,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) of `prompts` right-aligned in `width` columns (a joining job meets the wave's cache
-    length, which can exceed its longest prompt)."""
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = True
-    return ids.to(device), mask.to(device)
+    """`left_pad`'s (ids, attention_mask), widened on the left to `width` columns (a joining job meets the wave's
+    cache length, which can exceed its longest prompt)."""
+    ids, mask = left_pad(prompts, pad_id, device)
+    extra = width - ids.size(1)
+    return F.pad(ids, (extra, 0), value=pad_id), F.pad(mask, (extra, 0), value=False)
 
 
 class Engine:
