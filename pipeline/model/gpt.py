@@ -211,22 +211,32 @@ class GPT(nn.Module):
         return angles.cos(), angles.sin()
 
     def hidden(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+               position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+               document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, n_embd).
 
         attention_mask: (B, T) bool/0-1, False on left padding. position_ids: (B, T); by default
         counted from the first real token of each row (so padding does not shift positions).
+        document_ids: (B, T), for packed rows (several documents one after another in a row): a token attends
+        only to earlier tokens of its own document, and positions restart at 0 with each document (RoPE and
+        learned or sinusoidal positions alike), so each document is computed as if it were alone in its row.
         Under FSDP2 this is an entry point of its own (`register_fsdp_forward_method`), so `forward` calls
         `_hidden`: a nested entry would reshard the weights before the LM head reads them.
         """
-        return self._hidden(idx, attention_mask=attention_mask, position_ids=position_ids, kv_cache=kv_cache)
+        return self._hidden(idx, attention_mask=attention_mask, position_ids=position_ids, kv_cache=kv_cache,
+                            document_ids=document_ids)
 
     def _hidden(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        if document_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("document_ids (packed rows) are for training and scoring, not KV-cache decoding")
+            return self._packed(idx, document_ids, attention_mask, position_ids)
         valid = (torch.ones(B, T, dtype=torch.bool, device=idx.device) if attention_mask is None
                  else attention_mask.bool())
         if position_ids is None:
@@ -244,6 +254,32 @@ class GPT(nn.Module):
             attn_mask = causal[None, None] & keys_valid[:, None, None, :]    # (B, 1, T, past+T)
             # a padding query row would see no key at all (softmax of all -inf = NaN): let it see itself
             attn_mask = attn_mask | (k_pos[None, :] == q_pos[:, None])[None, None]
+        x = self._blocks(idx, position_ids, attn_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(valid)
+        return self.ln_f(x)
+
+    def _packed(self, idx: torch.Tensor, document_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states of packed rows: a block-diagonal causal mask (no attention across documents) and each
+        document's positions from 0. Padding (attention_mask False, or a document id of its own) is computed
+        but attends only within itself."""
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)
+        same = document_ids[:, :, None] == document_ids[:, None, :]                      # (B, T, T)
+        attn_mask = (same & (pos[None, :] <= pos[:, None])[None])[:, None]               # (B, 1, T, T)
+        if attention_mask is not None:  # padding keys are seen by no real query (a padding query sees itself)
+            keys = attention_mask.bool()[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=idx.device)
+            attn_mask = attn_mask & keys
+        if position_ids is None:
+            starts = torch.ones_like(document_ids, dtype=torch.bool)
+            starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+            first = torch.where(starts, pos.expand(B, T), torch.zeros_like(document_ids)).cummax(1).values
+            position_ids = pos[None] - first
+        return self.ln_f(self._blocks(idx, position_ids, attn_mask, None))
+
+    def _blocks(self, idx: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor | None,
+                kv_cache: KVCache | None) -> torch.Tensor:
         x = self.wte(idx)
         rotation = None
         if self.config.pos_encoding == "rope":
@@ -256,9 +292,7 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, None, rotation, use_reentrant=False)
             else:
                 x = block(x, attn_mask, kv_cache, rotation)
-        if kv_cache is not None:
-            kv_cache.advance(valid)
-        return self.ln_f(x)
+        return x
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size)."""

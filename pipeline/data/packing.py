@@ -1,0 +1,70 @@
+"""Padding-free packing: whole conversations laid one after another in rows of a fixed width.
+
+`pack` assigns examples to rows by best-fit decreasing (longest first, each into the row it fills most
+tightly; ties by index), which is deterministic and wastes little: every row but a few is nearly full.
+`collate` lays a row out: the examples' ids one after another, their labels (each example's first label is
+IGNORE_INDEX, its document token, so no loss ever crosses into the next example), `document_ids` numbering
+the examples (padding gets one of its own), and right padding to the width. The GPT takes `document_ids`
+and attends only within a document, with positions restarting at each (`GPT.hidden`), so a packed row computes
+exactly what its examples compute alone.
+
+Written here rather than taken from TRL or torchtune: their packing is bound to their trainers and datasets,
+and this one must keep the pipeline's samplers' determinism (a row is a fixed list of example indices).
+"""
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Sequence
+
+import torch
+
+from pipeline.data.tokenizer import IGNORE_INDEX
+
+
+def pack(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Rows of example indices, each row's lengths summing to at most `width` (best-fit decreasing)."""
+    too_long = [i for i, n in enumerate(lengths) if n > width]
+    if too_long:
+        raise ValueError(f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than the packed row's "
+                         f"{width}: raise model.block_size or drop longer examples")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        at = bisect_left(free, (lengths[i], -1))
+        if at < len(free):
+            room, r = free.pop(at)
+        else:
+            room, r = width, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - lengths[i] > 0:
+            insort(free, (room - lengths[i], r))
+    return rows
+
+
+def padding_fraction(lengths: Sequence[int], rows: Sequence[Sequence[int]], width: int) -> float:
+    """The share of the rows' positions that hold padding."""
+    return 1 - sum(lengths) / max(len(rows) * width, 1)
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """One packed row per item of `examples` (each a list of (ids, labels)): input_ids, labels, document_ids,
+    attention_mask, each (B, width)."""
+    B = len(examples)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    docs = torch.full((B, width), -1, dtype=torch.long)
+    mask = torch.zeros(B, width, dtype=torch.bool)
+    for b, row in enumerate(examples):
+        at = 0
+        for d, (x, y) in enumerate(row):
+            n = len(x)
+            if at + n > width:
+                raise ValueError(f"packed row {b} holds {at + n} tokens, more than its width {width}")
+            ids[b, at:at + n] = torch.tensor(x)
+            labels[b, at:at + n] = torch.tensor(y)
+            labels[b, at] = IGNORE_INDEX  # nothing predicts a document's first token from the one before
+            docs[b, at:at + n] = d
+            mask[b, at:at + n] = True
+            at += n
+    return {"input_ids": ids, "labels": labels, "document_ids": docs, "attention_mask": mask}
