@@ -2,11 +2,11 @@
 
 `pack` assigns examples to rows by best-fit decreasing (longest first, each into the row it fills most
 tightly; ties by index), which is deterministic and wastes little: every row but a few is nearly full.
-`collate` lays a row out: the examples' ids one after another, their labels (each example's first label is
-IGNORE_INDEX, its document token, so no loss ever crosses into the next example), `document_ids` numbering
-the examples (padding gets one of its own), and right padding to the width. The GPT takes `document_ids`
-and attends only within a document, with positions restarting at each (`GPT.hidden`), so a packed row computes
-exactly what its examples compute alone.
+`collate` lays a row out: the examples' ids one after another, their labels as given (the pipeline's labels are
+already shifted, each position's target within its own example, so no target crosses into the next example),
+`document_ids` numbering the examples (padding gets one of its own), and right padding to the width. The GPT
+takes `document_ids` and attends only within a document, with positions restarting at each (`GPT.hidden`), so a
+packed row computes exactly what its examples compute alone.
 
 Written here rather than taken from TRL or torchtune: their packing is bound to their trainers and datasets,
 and this one must keep the pipeline's samplers' determinism (a row is a fixed list of example indices).
@@ -63,7 +63,6 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], width: int, pad_id:
                 raise ValueError(f"packed row {b} holds {at + n} tokens, more than its width {width}")
             ids[b, at:at + n] = torch.tensor(x)
             labels[b, at:at + n] = torch.tensor(y)
-            labels[b, at] = IGNORE_INDEX  # nothing predicts a document's first token from the one before
             docs[b, at:at + n] = d
             mask[b, at:at + n] = True
             at += n

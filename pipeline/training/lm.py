@@ -45,7 +45,8 @@ class LanguageModeling(Objective):
         self.flops_per_token = model.flops_per_token()
 
     def step_loss(self, batch: dict) -> torch.Tensor:
-        return lm_loss(self.model(batch["input_ids"]), batch["labels"])
+        packed = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}  # packed rows
+        return lm_loss(self.model(batch["input_ids"], **packed), batch["labels"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.step_loss(batch)
