@@ -6,8 +6,8 @@ Both sides train a fresh copy of the workspace's model shape (params.yaml: `mode
 a plain loop (forward, loss, backward, AdamW) on the workspace's SFT conversations (data/prepared, the workspace's
 tokenizer), as `ChatData` gives them to the sft stage:
   padded   batches of `--batch` conversations from the length-grouped sampler, padded to their longest;
-  packed   rows of `block_size` holding several conversations each (pipeline.data.packing), as many rows per
-           batch as carry the padded side's mean real tokens per batch.
+  packed   the same batches, each packed into rows of at most `block_size` (`ChatData(packing=True)`,
+           pipeline.data.packing): the same loss, fewer positions.
 Reported per side: real (non-padding) tokens/s, answer (label) tokens/s and the padding fraction of the batches
 timed. Rounds alternate the sides; medians are compared. The last line is JSON with `ratio` = packed ÷ padded real
 tokens/s.
@@ -77,15 +77,14 @@ def main() -> None:
     cfg = load_config(load_params())
     tok = load_tokenizer(cfg.tokenizer.special_tokens)
     shape = cfg.model.shape(tok.vocab_size)
-    padded = ChatData(paths.PREPARED, tok, shape.block_size, args.batch, cfg.seed)
-    padded.setup()
     n = args.warmup + args.steps
-    plain = batches(padded, n)
-    real_per_batch = statistics.mean(int((b["input_ids"] != tok.pad_id).sum()) for b in plain)
-    rows = max(1, round(real_per_batch / shape.block_size / 0.98))
-    packed_data = ChatData(paths.PREPARED, tok, shape.block_size, rows, cfg.seed, packing=True)
-    packed_data.setup()
-    packed = batches(packed_data, n)
+    sides = []
+    for packing in (False, True):  # the same sampler and seed: the same conversations in every batch
+        data = ChatData(paths.PREPARED, tok, shape.block_size, args.batch, cfg.seed, packing=packing)
+        data.setup()
+        sides.append(batches(data, n))
+    plain, packed = sides
+    rows = statistics.mean(b["input_ids"].size(0) for b in packed)
 
     def fresh() -> GPT:
         torch.manual_seed(0)
@@ -95,7 +94,7 @@ def main() -> None:
     for _ in range(args.rounds):
         results["padded"].append(run(fresh, plain, args.warmup, tok.pad_id))
         results["packed"].append(run(fresh, packed, args.warmup, tok.pad_id))
-    out = {"batch": args.batch, "packed_rows": rows, "block_size": shape.block_size, "steps": args.steps,
+    out = {"batch": args.batch, "packed_rows": round(rows, 1), "block_size": shape.block_size, "steps": args.steps,
            "rounds": args.rounds, "threads": torch.get_num_threads()}
     for side, runs in results.items():
         for key in ("tokens_s", "label_tokens_s", "padding"):

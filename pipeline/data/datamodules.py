@@ -293,8 +293,8 @@ class ChatData(HeldOutData):
 
     def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
                  val_fraction: float = 0.05, packing: bool = False) -> None:
-        """`packing`: conversations packed into rows of `block_size` (pipeline.data.packing); `batch_size` then
-        counts packed rows."""
+        """`packing`: each batch's conversations packed into rows of `block_size` (pipeline.data.packing) rather
+        than padded to the longest: the same batches, the same loss, fewer positions computed."""
         super().__init__()
         self.data_dir, self.tok, self.block_size = data_dir, tok, block_size
         self.batch_size, self.seed, self.val_fraction, self.packing = batch_size, seed, val_fraction, packing
@@ -313,23 +313,18 @@ class ChatData(HeldOutData):
     def setup(self, stage: str | None = None) -> None:
         train, val = split_holdout(load_split(self.data_dir, "sft"), self.val_fraction, self.seed)
         self.train_set, self.val_set = self.encode(train), self.encode(val)
-        if self.packing:
-            self.train_set, self.val_set = (
-                [[rows[i] for i in row] for row in pack([len(ids) for ids, _ in rows], self.block_size)]
-                for rows in (self.train_set, self.val_set))
 
     def train_dataloader(self) -> DataLoader:
-        if self.packing:  # rows are packed once, deterministically; the shuffled sampler orders them
-            return super().train_dataloader()
         rank, world = data_parallel()
         sampler = LengthGroupedSampler([len(ids) for ids, _ in self.train_set], self.batch_size, self.seed,
                                        rank=rank, world_size=world).start(*self.resume_at())
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
                           drop_last=True)
 
-    def collate(self, items: list) -> dict:
+    def collate(self, items: list[tuple[list[int], list[int]]]) -> dict:
         if self.packing:
-            return packed_rows(items, self.block_size, self.tok.pad_id)
+            rows = pack([len(ids) for ids, _ in items], self.block_size)
+            return packed_rows([[items[i] for i in row] for row in rows], self.block_size, self.tok.pad_id)
         return {"input_ids": pad_right([i for i, _ in items], self.tok.pad_id),
                 "labels": pad_right([labels for _, labels in items], IGNORE_INDEX)}
 

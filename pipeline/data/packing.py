@@ -47,10 +47,12 @@ def padding_fraction(lengths: Sequence[int], rows: Sequence[Sequence[int]], widt
     return 1 - sum(lengths) / max(len(rows) * width, 1)
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[Sequence[tuple[list[int], list[int]]]], width: int,
+            pad_id: int) -> dict[str, torch.Tensor]:
     """One packed row per item of `examples` (each a list of (ids, labels)): input_ids, labels, document_ids,
-    attention_mask, each (B, width)."""
+    attention_mask, each (B, W), W the fullest row's length (at most `width`: no column of padding only)."""
     B = len(examples)
+    width = min(width, max((sum(len(x) for x, _ in row) for row in examples), default=0))
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
     docs = torch.full((B, width), -1, dtype=torch.long)
