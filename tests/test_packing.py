@@ -144,3 +144,56 @@ def test_packed_sft_batches_hold_the_same_conversations_and_give_the_same_loss(t
         if padded_positions > 2000:
             break
     assert packed_positions < padded_positions
+
+
+def preference_items(n: int, seed: int = 2) -> list[tuple[list[int], int]]:
+    """n pairs as PreferenceData lays them out: n chosen sequences, then n rejected ones, each (ids, prompt length)."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = [1] + [rng.randrange(5, 97) for _ in range(rng.randrange(2, 8))]
+        pairs.append([(prompt + [rng.randrange(5, 97) for _ in range(rng.randrange(1, 9))], len(prompt))
+                      for _ in range(2)])
+    return [c for c, _ in pairs] + [r for _, r in pairs]
+
+
+def padded_preference(items, pad_id: int = 0) -> dict:
+    width = max(len(s) for s, _ in items)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s, _ in items])
+    pos = torch.arange(width)[None]
+    lengths = torch.tensor([len(s) for s, _ in items])[:, None]
+    starts = torch.tensor([n for _, n in items])[:, None]
+    return {"input_ids": ids, "last": lengths[:, 0] - 1, "response_mask": ((pos >= starts) & (pos < lengths)).float()}
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_packed_dpo_logprobs_and_lengths_equal_the_padded_ones(kind):
+    from pipeline.alignment.preference import response_tokens
+    from pipeline.data.packing import collate_sequences
+    from pipeline.model.logprobs import packed_sequence_logprobs, sequence_logprobs
+
+    items = preference_items(6)
+    packed, padded = collate_sequences(items, 64, 0), padded_preference(items)
+    assert packed["input_ids"].size(0) < len(items)
+    m = model(kind)
+    ours = packed_sequence_logprobs(m, packed["input_ids"], packed["document_ids"], packed["response_mask"],
+                                    packed["sequence_ids"], len(items))
+    theirs = sequence_logprobs(m, padded["input_ids"], padded["response_mask"])
+    assert torch.allclose(ours, theirs, atol=1e-10)
+    assert torch.equal(response_tokens(packed), response_tokens(padded))
+
+
+def test_packed_reward_scores_equal_the_padded_ones_with_the_likelihood_term():
+    from pipeline.data.packing import collate_sequences
+    from pipeline.model.heads import ScalarHead
+
+    items = preference_items(5, seed=4)
+    packed, padded = collate_sequences(items, 64, 0), padded_preference(items)
+    torch.manual_seed(1)
+    rm = ScalarHead(model("llama"), likelihood_term=True).double()
+    with torch.no_grad():
+        rm.lm_scale.fill_(0.3)
+    ours = rm(packed["input_ids"], packed["last"], response_mask=packed["response_mask"],
+              document_ids=packed["document_ids"], sequence_ids=packed["sequence_ids"])
+    theirs = rm(padded["input_ids"], padded["last"], response_mask=padded["response_mask"])
+    assert ours.shape == (len(items),) and torch.allclose(ours, theirs, atol=1e-10)

@@ -21,7 +21,7 @@ from pipeline.config.training import OnPolicyConfig
 from pipeline.data.datamodules import PreferenceData
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.model.gpt import GPT
-from pipeline.model.logprobs import sequence_logprobs
+from pipeline.model.logprobs import packed_sequence_logprobs, sequence_logprobs
 from pipeline.training.curves import CurveRecorder
 from pipeline.training.objective import Objective
 from pipeline.training.parallel import gpt_like, trained_module
@@ -63,9 +63,15 @@ def policy_updates(cfg: PreferenceConfig) -> int:
     return updates_at(cfg, cfg.steps)
 
 
-def response_tokens(response_mask: torch.Tensor) -> torch.Tensor:
-    """The tokens `sequence_logprobs` sums over, per row (B,): for the length-normalised log-probs."""
-    return response_mask[:, 1:].sum(1).clamp(min=1)
+def response_tokens(batch: dict) -> torch.Tensor:
+    """The tokens `sequence_logprobs` sums over, per sequence (B,): for the length-normalised log-probs."""
+    mask = batch["response_mask"]
+    if "sequence_ids" in batch:  # packed rows
+        ids = batch["sequence_ids"][:, 1:]
+        take = (mask[:, 1:] > 0) & (ids >= 0)
+        counts = torch.zeros(batch["last"].numel(), dtype=mask.dtype, device=mask.device)
+        return counts.index_add(0, ids[take], mask[:, 1:][take]).clamp(min=1)
+    return mask[:, 1:].sum(1).clamp(min=1)
 
 
 def halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +103,10 @@ class PreferenceObjective(Objective):
         raise NotImplementedError
 
     def logprobs(self, model: GPT, batch: dict) -> torch.Tensor:
-        """Summed log-probs of each row's response (B,)."""
+        """Summed log-probs of each sequence's response (B,)."""
+        if "sequence_ids" in batch:  # packed rows
+            return packed_sequence_logprobs(model, batch["input_ids"], batch["document_ids"], batch["response_mask"],
+                                            batch["sequence_ids"], batch["last"].numel())
         return sequence_logprobs(model, batch["input_ids"], batch["response_mask"])
 
     def stats(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from pipeline.data.packing import collate as packed_rows
+from pipeline.data.packing import collate_sequences as packed_sequences
 from pipeline.data.packing import pack
 from pipeline.data.shards import TokenShards
 from pipeline.data.splits import load_split
@@ -337,11 +338,15 @@ class PreferenceData(HeldOutData):
     """
 
     def __init__(self, data_dir: Path, tok: ChatTokenizer, block_size: int, batch_size: int, seed: int,
-                 val_fraction: float, extra_rows: list[dict] | Callable[[L.Trainer], list[dict]] | None = None) -> None:
+                 val_fraction: float, extra_rows: list[dict] | Callable[[L.Trainer], list[dict]] | None = None,
+                 packing: bool = False) -> None:
+        """`packing`: each batch's sequences (chosen ones first, then rejected ones) packed into rows
+        (pipeline.data.packing.collate_sequences) rather than padded."""
         super().__init__()
         self.data_dir, self.tok, self.block_size = data_dir, tok, block_size
         self.batch_size, self.seed, self.val_fraction = batch_size, seed, val_fraction
         self.extra_rows = extra_rows or []
+        self.packing = packing
 
     def encode(self, row: dict) -> tuple[tuple[list[int], int], tuple[list[int], int]]:
         """((chosen ids, prompt length), (rejected ids, prompt length))."""
@@ -370,6 +375,8 @@ class PreferenceData(HeldOutData):
 
     def collate(self, pairs: list) -> dict:
         items = [c for c, _ in pairs] + [r for _, r in pairs]
+        if self.packing:
+            return packed_sequences(items, self.block_size, self.tok.pad_id)
         ids = pad_right([s for s, _ in items], self.tok.pad_id)
         pos = torch.arange(ids.size(1))[None, :]
         lengths = torch.tensor([len(s) for s, _ in items])[:, None]

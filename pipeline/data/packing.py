@@ -69,3 +69,29 @@ def collate(examples: Sequence[Sequence[tuple[list[int], list[int]]]], width: in
             mask[b, at:at + n] = True
             at += n
     return {"input_ids": ids, "labels": labels, "document_ids": docs, "attention_mask": mask}
+
+
+def collate_sequences(items: Sequence[tuple[list[int], int]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference sequences (ids, prompt length), each batch's chosen ones then rejected ones, packed into rows:
+    input_ids, document_ids, `sequence_ids` (which sequence each position holds, -1 none), `response_mask` (the
+    response tokens) and `last` (each sequence's last position in the flattened rows: where a reward model reads
+    its score), in the order of `items`, so chosen/rejected pairing is kept."""
+    rows = pack([len(ids) for ids, _ in items], width)
+    width = min(width, max(sum(len(items[i][0]) for i in row) for row in rows))
+    R = len(rows)
+    ids = torch.full((R, width), pad_id, dtype=torch.long)
+    docs = torch.full((R, width), -1, dtype=torch.long)
+    seqs = torch.full((R, width), -1, dtype=torch.long)
+    response = torch.zeros(R, width)
+    last = torch.zeros(len(items), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for d, s in enumerate(row):
+            x, n_prompt = items[s]
+            n = len(x)
+            ids[r, at:at + n] = torch.tensor(x)
+            docs[r, at:at + n], seqs[r, at:at + n] = d, s
+            response[r, at + n_prompt:at + n] = 1.0
+            last[s] = r * width + at + n - 1
+            at += n
+    return {"input_ids": ids, "document_ids": docs, "sequence_ids": seqs, "response_mask": response, "last": last}

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.model.gpt import GPT
-from pipeline.model.logprobs import sequence_logprobs
+from pipeline.model.logprobs import packed_sequence_logprobs, sequence_logprobs
 
 
 class ScalarHead(nn.Module):
@@ -58,17 +58,28 @@ class ScalarHead(nn.Module):
         return self.head(self.backbone.hidden(idx, attention_mask=attention_mask)).squeeze(-1)
 
     def forward(self, idx: torch.Tensor, last: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+                response_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                sequence_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The score of each row (B,): the head at index `last` (+ the likelihood term, see module doc).
 
-        response_mask (B, T) marks the response tokens of `idx`; the likelihood term needs it.
+        response_mask (B, T) marks the response tokens of `idx`; the likelihood term needs it. Packed rows
+        (pipeline.data.packing) pass `document_ids` and `sequence_ids`; `last` then indexes the flattened rows,
+        one score per sequence.
         """
-        h = self.backbone.hidden(idx, attention_mask=attention_mask)
-        score = self.head(h).squeeze(-1).gather(1, last[:, None]).squeeze(1)
+        if document_ids is not None:
+            h = self.backbone.hidden(idx, document_ids=document_ids)
+            score = self.head(h).squeeze(-1).flatten()[last]
+        else:
+            h = self.backbone.hidden(idx, attention_mask=attention_mask)
+            score = self.head(h).squeeze(-1).gather(1, last[:, None]).squeeze(1)
         if self.likelihood_term:
             if response_mask is None:
                 raise ValueError("this reward model has a likelihood term: pass response_mask")
             with torch.no_grad():
-                loglik = sequence_logprobs(self.frozen_lm, idx, response_mask, attention_mask)
+                if document_ids is not None:
+                    loglik = packed_sequence_logprobs(self.frozen_lm, idx, document_ids, response_mask,
+                                                      sequence_ids, last.numel())
+                else:
+                    loglik = sequence_logprobs(self.frozen_lm, idx, response_mask, attention_mask)
             score = score + self.lm_scale * loglik
         return score

@@ -29,3 +29,20 @@ def sequence_logprobs(model: GPT, input_ids: torch.Tensor, response_mask: torch.
     logits = model(input_ids[:, :-1], attention_mask=None if attention_mask is None else attention_mask[:, :-1])
     logp = F.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return (logp * response_mask[:, 1:]).sum(1)
+
+
+def packed_sequence_logprobs(model: GPT, input_ids: torch.Tensor, document_ids: torch.Tensor,
+                             response_mask: torch.Tensor, sequence_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """`sequence_logprobs` of packed rows (pipeline.data.packing): the sums (n,) of log p(token | prefix) over the
+    tokens `response_mask` (R, W) marks, gathered by `sequence_ids` (R, W; -1 off every sequence). A response never
+    opens its document, so each token's prefix lies in its own document."""
+    logits = model(input_ids[:, :-1], document_ids=document_ids[:, :-1])
+    logp = F.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    ids = sequence_ids[:, 1:]
+    take = (response_mask[:, 1:] > 0) & (ids >= 0)
+    return torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, ids[take], logp[take])
+
+
+def packed_keys(batch: dict) -> dict[str, torch.Tensor]:
+    """What a packed batch adds for the models (`document_ids`, `sequence_ids`); nothing for a padded one."""
+    return {k: batch[k] for k in ("document_ids", "sequence_ids") if k in batch}

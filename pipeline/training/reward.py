@@ -35,6 +35,7 @@ from pipeline.model import lora
 from pipeline.model.gpt import GPT
 from pipeline.model.handoff import checkpoint_meta, load_gpt, save_checkpoint
 from pipeline.model.heads import ScalarHead
+from pipeline.model.logprobs import packed_keys
 from pipeline.training.objective import Objective
 from pipeline.training.parallel import gather_shares, shares, trained_module
 from pipeline.training.trainer import fit
@@ -58,7 +59,7 @@ class RewardModeling(Objective):
         self.model = model
 
     def _stats(self, batch: dict) -> dict[str, torch.Tensor]:
-        r = self.model(batch["input_ids"], batch["last"], response_mask=batch["response_mask"])
+        r = self.model(batch["input_ids"], batch["last"], response_mask=batch["response_mask"], **packed_keys(batch))
         n = r.size(0) // 2
         return pairwise_stats(r[:n], r[n:])
 
@@ -70,7 +71,7 @@ class RewardModeling(Objective):
         return stats["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        r = self.model(batch["input_ids"], batch["last"], response_mask=batch["response_mask"])
+        r = self.model(batch["input_ids"], batch["last"], response_mask=batch["response_mask"], **packed_keys(batch))
         n = r.size(0) // 2
         margin = r[:n] - r[n:]
         self.accumulate("val", {"loss": -F.logsigmoid(margin), "accuracy": (margin > 0).float(), "margin": margin,

@@ -107,7 +107,7 @@ class DPO(PreferenceObjective):
         c = self.cfg
         logp_c, logp_r = halves(self.logprobs(self.policy, batch))
         if c.loss_type == "simpo":
-            n_c, n_r = halves(response_tokens(batch["response_mask"]))
+            n_c, n_r = halves(response_tokens(batch))
             out = simpo_loss(logp_c, logp_r, n_c, n_r, c.beta, c.simpo_gamma)
         else:
             with torch.no_grad():

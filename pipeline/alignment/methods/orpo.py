@@ -67,7 +67,7 @@ class ORPO(PreferenceObjective):
 
     def pair_stats(self, batch: dict) -> dict[str, torch.Tensor]:
         logp = self.logprobs(self.policy, batch)
-        avg_c, avg_r = halves(logp / response_tokens(batch["response_mask"]))
+        avg_c, avg_r = halves(logp / response_tokens(batch))
         out = orpo_loss(avg_c, avg_r, self.cfg.lambda_or)
         logp_c, logp_r = halves(logp)
         return {"loss": out["loss"], "rewards/chosen": out["chosen"], "rewards/rejected": out["rejected"],
