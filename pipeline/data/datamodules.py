@@ -316,6 +316,8 @@ class ChatData(HeldOutData):
         self.train_set, self.val_set = self.encode(train), self.encode(val)
 
     def train_dataloader(self) -> DataLoader:
+        if self.packing:  # shuffled batches mix lengths, which pack tighter than a length band's
+            return super().train_dataloader()
         rank, world = data_parallel()
         sampler = LengthGroupedSampler([len(ids) for ids, _ in self.train_set], self.batch_size, self.seed,
                                        rank=rank, world_size=world).start(*self.resume_at())
