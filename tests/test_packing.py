@@ -114,7 +114,7 @@ def test_packing_is_deterministic_and_fills_its_rows():
         pack([3, 200], 128)
 
 
-def test_packed_sft_batches_hold_the_same_conversations_and_give_the_same_loss(tmp_path, monkeypatch):
+def test_a_packed_sft_batch_holds_the_same_conversations_and_gives_the_same_loss(tmp_path, monkeypatch):
     from pipeline import paths
     from pipeline.data.datamodules import ChatData
     from pipeline.data.tokenizer import load_tokenizer
@@ -133,7 +133,9 @@ def test_packed_sft_batches_hold_the_same_conversations_and_give_the_same_loss(t
     packed = ChatData(paths.PREPARED, tok, block, 16, cfg.seed, packing=True)
     plain.setup(), packed.setup()
     padded_positions = packed_positions = 0
-    for a, b in zip(plain.train_dataloader(), packed.train_dataloader()):  # the same sampler: the same batches
+    for start in range(0, len(plain.train_set) - 16, 16):
+        items = plain.train_set[start:start + 16]
+        a, b = plain.collate(items), packed.collate(items)
         assert int((a["labels"] != IGNORE_INDEX).sum()) == int((b["labels"] != IGNORE_INDEX).sum())
         with torch.no_grad():
             ours = lm_loss(model(b["input_ids"], document_ids=b["document_ids"]), b["labels"])
@@ -144,6 +146,8 @@ def test_packed_sft_batches_hold_the_same_conversations_and_give_the_same_loss(t
         if padded_positions > 2000:
             break
     assert packed_positions < padded_positions
+    batch = next(iter(packed.train_dataloader()))  # the loader packs its shuffled batches of 16 conversations
+    assert int((batch["document_ids"].max(1).values + 1).sum()) == 16
 
 
 def preference_items(n: int, seed: int = 2) -> list[tuple[list[int], int]]:

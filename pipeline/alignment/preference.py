@@ -45,6 +45,8 @@ class PreferenceConfig(MethodConfig):
     val_batches: Annotated[int, Field(ge=1)] = 4
     on_policy: OnPolicyConfig = OnPolicyConfig()
     """Pairs from the SFT policy's own wrong samples (checker-labelled), added to the preference split."""
+    packing: bool = False
+    """Pack each batch's chosen and rejected sequences into rows of model.block_size (pipeline.data.packing)."""
 
     def answer_budgets(self) -> dict[str, int]:
         return {"on_policy.max_new_tokens": self.on_policy.max_new_tokens}
@@ -136,7 +138,8 @@ def fit_preference(module: PreferenceObjective, cfg: PipelineConfig, spec: Stage
     method's `train` does: (the curves, the method's own metrics, the trained policy on global rank 0)."""
     policy, acfg = module.policy, module.cfg
     data = data_type(paths.PREPARED, tok, policy.config.block_size, acfg.batch_size, cfg.seed, acfg.val_fraction,
-                     lambda trainer: sample_on_policy(policy, tok, acfg.on_policy, cfg.seed, trainer))
+                     lambda trainer: sample_on_policy(policy, tok, acfg.on_policy, cfg.seed, trainer),
+                     packing=acfg.packing)
     trainer, curves, final = fit(module, data, cfg, spec, callbacks=callbacks, max_steps=acfg.steps,
                                  val_every=acfg.val_every, val_batches=acfg.val_batches, grad_clip=acfg.grad_clip)
     own = {"on_policy_pairs": len(data.extra_rows), "held_out_pairs": len(data.val_rows),

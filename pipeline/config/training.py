@@ -59,6 +59,11 @@ class SFTConfig(StepsConfig):
 
     where = "sft"
 
+    packing: bool = False
+    """Pack each batch's conversations into rows of model.block_size (no attention across conversations, positions
+    restarting per conversation: pipeline.data.packing) instead of padding them; batches are then drawn shuffled
+    rather than by length band, which packs tighter."""
+
 
 class OnPolicyConfig(Schema):
     """Preference pairs from the SFT policy's own wrong samples, labelled by the generator's checker."""
@@ -83,6 +88,8 @@ class RewardConfig(StepsConfig):
     """Preference pairs held out to measure pairwise accuracy."""
     likelihood_term: bool = True
     """Add s * log p(response) under the frozen SFT backbone to the head's score (pipeline.model.heads)."""
+    packing: bool = False
+    """Pack each batch's chosen and rejected sequences into rows of model.block_size (pipeline.data.packing)."""
     on_policy: OnPolicyConfig = OnPolicyConfig()
 
 

@@ -121,7 +121,7 @@ def finetune(cfg: Config, spec: StageSpec, steps: int, optim: OptimConfig | None
     adapters = lora.applies(cfg.peft, "sft")
     if adapters:
         model = lora.add_adapters(model, cfg.peft)
-    data = ChatData(paths.PREPARED, tok, model.config.block_size, s.batch_size, cfg.seed)
+    data = ChatData(paths.PREPARED, tok, model.config.block_size, s.batch_size, cfg.seed, packing=s.packing)
     module = SupervisedFinetuning(prepare_model(model.train(), cfg), optim or s.optim, steps)
     trainer, curves, final = fit(module, data, cfg, spec, max_steps=steps, val_every=min(s.val_every, steps),
                                  val_batches=s.val_batches, grad_clip=s.grad_clip)

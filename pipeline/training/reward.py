@@ -171,7 +171,8 @@ def train_reward_model(cfg: Config, spec: StageSpec) -> dict:
 
     model = reward_model(backbone)  # with adapters, `backbone` holds them too: zero at the start, as sampled
     data = PreferenceData(paths.PREPARED, tok, backbone.config.block_size, r.batch_size, cfg.seed, r.val_fraction,
-                          lambda trainer: sample_on_policy(backbone, tok, r.on_policy, cfg.seed, trainer))
+                          lambda trainer: sample_on_policy(backbone, tok, r.on_policy, cfg.seed, trainer),
+                          packing=r.packing)
     module = RewardModeling(model, r.optim, r.max_steps)
     trainer, curves, final = fit(module, data, cfg, spec, max_steps=r.max_steps, val_every=r.val_every,
                                  val_batches=r.val_batches, grad_clip=r.grad_clip)

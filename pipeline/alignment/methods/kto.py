@@ -50,6 +50,8 @@ class Config(PreferenceConfig):
     here n_D = n_U)."""
     beta: Annotated[float, Field(gt=0)] = 1.0
     """Scale of the log-ratios inside the sigmoid: how sharply the loss saturates (DPO's 1.0 here)."""
+    packing: Literal[False] = False
+    """Not for KTO: its reference point is estimated on mismatched rows that are laid out padded."""
 
 
 class UnpairedData(PreferenceData):
