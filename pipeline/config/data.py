@@ -2,7 +2,8 @@
 text come from, and the BPE.
 
 `DataConfig` is conf/data/*.yaml; `CorpusConfig` (`data.corpus`) names the pretraining text the tokenizer
-stage shards; `SourceConfig` (`data.sources.<split>`) a hub dataset or local files for one chat split;
+stage shards; `SourceConfig` (`data.sources.<split>`) a hub dataset or local files for one chat split, or
+`MixtureSource` one weighted entry of a list of them (a mixture; `mixture_counts` gives each entry's rows);
 `TokenizerConfig` the BPE and the chat template's special tokens. Every check runs when the config is
 loaded, before any stage touches the disk. Files named by `data_files` are checked to exist by the stage
 that reads them (prepare, tokenizer), since later stages no longer need them.
@@ -12,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pipeline.config.schema import Schema
+from pipeline.config.schema import Schema, describe
 
 Count = Annotated[int, Field(ge=1)]
 
@@ -166,29 +167,89 @@ class SourceConfig(Schema):
         return self
 
 
-class SourcesConfig(Schema):
-    """`data.sources`: one entry per chat split (pretraining text is `data.corpus`)."""
+class MixtureSource(SourceConfig):
+    """One entry of a mixture (`data.sources.<split>` as a list): a source and its share of the split."""
 
-    sft: SourceConfig = SourceConfig()
-    preference: SourceConfig = SourceConfig()
-    rl_prompts: SourceConfig = SourceConfig()
-    eval: SourceConfig = SourceConfig()
-    eval_hard: SourceConfig = SourceConfig()
+    weight: Annotated[float, Field(gt=0)] | None = None
+    """A share of what `data.sizes.<split>` leaves after the `rows` entries (relative to the other weights)."""
+    rows: Count | None = None
+    """Exactly this many rows (instead of a weight)."""
+
+    @model_validator(mode="after")
+    def _weight_or_rows(self):
+        if (self.weight is None) == (self.rows is None):
+            raise ValueError("@ needs exactly one of weight (a share of data.sizes.<split>) or rows (a count): "
+                             f"it has {'both' if self.weight is not None else 'neither'}")
+        return self
+
+
+Mixture = list[MixtureSource]
+Sources = SourceConfig | Mixture
+
+
+def mixture_counts(entries: Mixture, size: int) -> list[int]:
+    """Rows drawn from each entry: `rows` as given; the `weight` entries share `size` minus those rows by
+    largest remainder (ties to the earlier entry), so the counts sum to it exactly. With only `rows` entries
+    the split has their sum and `size` is unused."""
+    fixed = sum(e.rows or 0 for e in entries)
+    weights = {str(i): e.weight for i, e in enumerate(entries) if e.weight is not None}
+    shares = allocate(size - fixed, weights) if weights else {}
+    return [e.rows if e.rows is not None else shares[str(i)] for i, e in enumerate(entries)]
+
+
+class SourcesConfig(Schema):
+    """`data.sources`: one entry per chat split (pretraining text is `data.corpus`): a source, or a list of
+    weighted sources (a mixture)."""
+
+    sft: Sources = SourceConfig()
+    preference: Sources = SourceConfig()
+    rl_prompts: Sources = SourceConfig()
+    eval: Sources = SourceConfig()
+    eval_hard: Sources = SourceConfig()
+
+    @field_validator(*SPLIT_KINDS, mode="wrap")
+    @classmethod
+    def _one_or_mixture(cls, value: Any, handler: Any, info: ValidationInfo) -> Sources:
+        if not isinstance(value, list):
+            return SourceConfig.model_validate(value)  # errors keep their place (data.sources.<split>.<field>)
+        entries = []
+        for i, entry in enumerate(value):
+            try:
+                entries.append(MixtureSource.model_validate(entry))
+            except ValidationError as err:  # one line per problem, each naming data.sources.<split>[i].<field>
+                raise ValueError(describe(err, MixtureSource, f"@[{i}]")) from None
+        if not entries:
+            raise ValueError("@ is an empty list: give one source, or a list of sources each with a weight or rows")
+        generated = [i for i, e in enumerate(entries) if e.source == "generated"]
+        if len(generated) > 1:
+            raise ValueError(f"@[{generated[1]}] is a second generated entry: the generator is one source, so give "
+                             f"it one entry (its weight or rows sum those of @[{generated[0]}] and this one)")
+        return entries
 
     @model_validator(mode="after")
     def _adapters_make_the_split_kind(self):
         for split, kind in SPLIT_KINDS.items():
-            cfg: SourceConfig = getattr(self, split)
-            made = ADAPTER_KINDS.get(cfg.adapter or "")
-            if cfg.source != "generated" and made != kind:
-                fits = [a for a, k in ADAPTER_KINDS.items() if k == kind]
-                raise ValueError(f"@.{split}.adapter {cfg.adapter!r} makes {made} rows but {split} holds {kind} "
-                                 f"rows: use one of {', '.join(fits)}")
+            for where, cfg in self.entries(split):
+                made = ADAPTER_KINDS.get(cfg.adapter or "")
+                if cfg.source != "generated" and made != kind:
+                    fits = [a for a, k in ADAPTER_KINDS.items() if k == kind]
+                    raise ValueError(f"@.{split}{where}.adapter {cfg.adapter!r} makes {made} rows but {split} holds "
+                                     f"{kind} rows: use one of {', '.join(fits)}")
         return self
 
+    def entries(self, split: str) -> list[tuple[str, SourceConfig]]:
+        """The split's sources with where each sits under `data.sources.<split>` ("" for a single one, "[i]")."""
+        value: Sources = getattr(self, split)
+        return [("", value)] if isinstance(value, SourceConfig) else [(f"[{i}]", e) for i, e in enumerate(value)]
+
+    def mixtures(self) -> dict[str, Mixture]:
+        """The splits given as a list of weighted sources, by name."""
+        return {split: getattr(self, split) for split in SPLIT_KINDS if isinstance(getattr(self, split), list)}
+
     def external(self) -> dict[str, SourceConfig]:
-        """The splits read from the hub or files, by name."""
-        return {split: getattr(self, split) for split in SPLIT_KINDS if getattr(self, split).source != "generated"}
+        """The splits read from one hub dataset or local files (not a mixture), by name."""
+        return {split: value for split in SPLIT_KINDS for value in [getattr(self, split)]
+                if isinstance(value, SourceConfig) and value.source != "generated"}
 
 
 class WorldConfig(Schema):
@@ -304,6 +365,12 @@ class DataConfig(Schema):
             raise ValueError(f"@.sizes.pretrain_docs ({self.sizes.pretrain_docs}) gives {fact_docs} fact documents, "
                              f"fewer than @.world.n_entities ({self.world.n_entities}): raise pretrain_docs or "
                              "lower n_entities")
+        for split, entries in self.sources.mixtures().items():
+            size, fixed = getattr(self.sizes, split), sum(e.rows or 0 for e in entries)
+            if any(e.weight is not None for e in entries) and fixed >= size:
+                raise ValueError(f"@.sources.{split}: its rows entries sum to {fixed}, leaving nothing of "
+                                 f"@.sizes.{split} ({size}) for its weight entries: raise sizes.{split}, lower "
+                                 "those rows, or give every entry rows")
         return self
 
     def weights(self) -> dict[str, float]:

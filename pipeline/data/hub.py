@@ -16,7 +16,7 @@ Design choices:
   config gives the same files. Hub sources are streamed, so only the rows needed are fetched.
 - `key` is `<dataset>:<sha256 of the question or conversation>[:16]`. Generated keys carry the eval
   partition in their hash; hub keys do not (a hub dataset brings its own train/test split), so the
-  leakage audit checks hub rows only for keys shared between training and eval splits.
+  leakage audit checks hub rows only for keys, and prompts, shared between training and eval splits.
 - A system message is folded into the first user message (the chat template has no system role).
   Preference rows hold one exchange; earlier turns of a multi-turn pair are folded into the prompt
   as a plain "User: ... / Assistant: ..." transcript.
