@@ -1,16 +1,25 @@
-"""SFT training throughput with and without packing, side by side in one process.
+"""Training throughput with and without packing, side by side in one process, on three workloads.
 
-    python -m benchmarks.packing [--rounds 3] [--steps 10] [--warmup 2] [--batch 64] [--quick]
+    python -m benchmarks.packing [--rounds 3] [--steps 10] [--warmup 2] [--batch 64] [--quick] [--workspace DIR]
 
-Both sides train a fresh copy of the workspace's model shape (params.yaml: `model`, seeded, fp32, one thread) with
-a plain loop (forward, loss, backward, AdamW) on the workspace's SFT conversations (data/prepared, the workspace's
-tokenizer), as `ChatData` gives them to the sft stage:
-  padded   batches of `--batch` conversations from the length-grouped sampler, padded to their longest;
-  packed   the same batches, each packed into rows of at most `block_size` (`ChatData(packing=True)`,
-           pipeline.data.packing): the same loss, fewer positions.
-Reported per side: real (non-padding) tokens/s, answer (label) tokens/s and the padding fraction of the batches
-timed. Rounds alternate the sides; medians are compared. The last line is JSON with `ratio` = packed ÷ padded real
-tokens/s.
+Every side trains a fresh copy of the workspace's model shape (params.yaml: `model`, seeded, fp32, one thread) with
+a plain loop (forward, loss, backward, AdamW), on batches laid out the way the stages' datamodules lay them out:
+  sft        the workspace's SFT conversations (data/prepared), the sft stage's objective (LM loss on the answers).
+             padded: batches of `--batch` from the length-grouped sampler (`ChatData`), padded to their longest;
+             packed: the same conversations, shuffled into batches of `--batch` and each batch packed into rows of
+             at most `block_size` (`ChatData(packing=True)`, pipeline.data.packing).
+  sft_wide   as sft, on conversations generated here with a wider length spread: the multi-turn share raised
+             (data.multi_turn.fraction 0.4 and max_turns 4; the default data: 0.2 and 3), nothing written to disk.
+             Lengths: mean 42 tokens, sd 21, up to 116 (the default data: mean 35, sd 18, up to 88).
+  reward     the workspace's preference pairs, the reward stage's step (`ScalarHead` with the likelihood term as
+             `reward.likelihood_term` says, pairwise loss) at reward.batch_size pairs, padded or packed
+             (`PreferenceData(packing=True)`: chosen and rejected sequences packed, pairing kept). DPO and its
+             variants lay out their batches the same way, with the policy and reference forwards instead.
+Both sides of a workload see exactly the same examples (the padded side's batches decide which), so trained tokens
+(sft: the answer tokens the loss reads; reward: every real token) are equal and the ratio of trained tokens/s
+is the ratio of step times. Reported per side: trained tokens/s and the padding fraction (padding positions ÷ all
+positions computed). Rounds alternate the sides; medians are compared. The last line is JSON with
+`<workload>_ratio` = packed ÷ padded trained tokens/s, and the padding-only bound 1 / (1 - padded padding) beside it.
 """
 from __future__ import annotations
 
@@ -22,87 +31,157 @@ if __name__ == "__main__":
 import argparse
 import itertools
 import json
+import random
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from pipeline import paths
 from pipeline.config.load import load_params
-from pipeline.config.root import load_config
-from pipeline.data.datamodules import ChatData
-from pipeline.data.tokenizer import IGNORE_INDEX, load_tokenizer
+from pipeline.config.root import Config, load_config
+from pipeline.data.datamodules import ChatData, LengthGroupedSampler, PreferenceData
+from pipeline.data.prepare import generate
+from pipeline.data.tokenizer import IGNORE_INDEX, ChatTokenizer, load_tokenizer
 from pipeline.model.gpt import GPT
+from pipeline.model.heads import ScalarHead
+from pipeline.model.logprobs import packed_keys
 from pipeline.training.lm import lm_loss
 
-
-def batches(data: ChatData, n: int) -> list[dict]:
-    loader = data.train_dataloader()
-    return list(itertools.islice(iter(loader), n))
+WIDE = {"multi_turn": {"fraction": 0.4, "max_turns": 4}}  # the default data: 0.2 and 3
 
 
-def run(model_fn, batches_: list[dict], warmup: int, pad_id: int) -> dict:
+def sft_step(model: GPT, b: dict) -> torch.Tensor:
+    packed = {"document_ids": b["document_ids"]} if "document_ids" in b else {}
+    return lm_loss(model(b["input_ids"], **packed), b["labels"])
+
+
+def reward_step(model: ScalarHead, b: dict) -> torch.Tensor:
+    chosen, rejected = model(b["input_ids"], b["last"], response_mask=b["response_mask"], **packed_keys(b)).chunk(2)
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def real_positions(b: dict, pad_id: int) -> int:
+    if "document_ids" in b:
+        return int((b["document_ids"] >= 0).sum()) if "sequence_ids" not in b else int((b["sequence_ids"] >= 0).sum())
+    if "labels" in b:  # padded SFT: right padding
+        return int((b["input_ids"] != pad_id).sum())
+    return int(b["last"].add(1).sum())  # padded preference: each row's length
+
+
+def timed(model_fn: Callable[[], torch.nn.Module], step: Callable[[torch.nn.Module, dict], torch.Tensor],
+          batches: list[dict], warmup: int, trained: Callable[[dict], int], pad_id: int) -> dict:
     model = model_fn()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    real = labels = positions = 0
-    began = None
-    for i, b in enumerate(batches_):
-        if i == warmup:
-            began = time.perf_counter()
-        packed = {"document_ids": b["document_ids"]} if "document_ids" in b else {}
-        loss = lm_loss(model(b["input_ids"], **packed), b["labels"])
-        loss.backward()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-3)
+    for b in batches[:warmup]:  # untimed: allocator and kernels warm, then every batch is timed
+        step(model, b).backward()
+        opt.zero_grad(set_to_none=True)
+    tokens = real = positions = 0
+    began = time.perf_counter()
+    for b in batches:
+        step(model, b).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            mask = b["attention_mask"] if "attention_mask" in b else b["input_ids"] != pad_id
-            real += int(mask.sum())
-            labels += int((b["labels"] != IGNORE_INDEX).sum())
-            positions += b["input_ids"].numel()
+        tokens += trained(b)
+        real += real_positions(b, pad_id)
+        positions += b["input_ids"].numel()
     took = time.perf_counter() - began
-    return {"tokens_s": real / took, "label_tokens_s": labels / took, "padding": 1 - real / positions}
+    return {"tokens_s": tokens / took, "padding": 1 - real / positions, "trained": tokens}
+
+
+def sft_batches(data: ChatData, n: int, batch: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """The first `n` batches of the length-grouped sampler, padded; the same conversations shuffled and packed."""
+    sampler = LengthGroupedSampler([len(ids) for ids, _ in data.train_set], batch, seed)
+    chosen = list(itertools.islice(sampler.global_batches(), n))
+    data.packing = False
+    padded = [data.collate([data.train_set[i] for i in b]) for b in chosen]
+    flat = [i for b in chosen for i in b]
+    random.Random(seed).shuffle(flat)
+    data.packing = True
+    packed = [data.collate([data.train_set[i] for i in flat[k:k + batch]]) for k in range(0, len(flat), batch)]
+    return padded, packed
+
+
+def preference_batches(data: PreferenceData, n: int, batch: int) -> tuple[list[dict], list[dict]]:
+    pairs = [data.train_set[k:k + batch] for k in range(0, n * batch, batch)]
+    data.packing = False
+    padded = [data.collate(p) for p in pairs]
+    data.packing = True
+    return padded, [data.collate(p) for p in pairs]
+
+
+def wide_chat(cfg: Config, tok: ChatTokenizer, block_size: int, batch: int, seed: int, rows: int) -> ChatData:
+    """ChatData over `rows` conversations generated with the wider spread (WIDE), none written."""
+    data_cfg = cfg.data.model_copy(update={
+        "multi_turn": cfg.data.multi_turn.model_copy(update=WIDE["multi_turn"]),
+        "sizes": cfg.data.sizes.model_copy(update={"sft": rows, "pretrain_docs": 50, "pretrain_val_docs": 5})})
+    splits, _ = generate(data_cfg, skip=frozenset({"preference", "rl_prompts", "eval", "eval_hard"}))
+    data = ChatData(paths.PREPARED, tok, block_size, batch, seed)
+    data.train_set = data.encode(splits["sft"])
+    return data
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed side")
+    p.add_argument("--batch", type=int, default=64, help="SFT conversations per batch (the sft stage's)")
     p.add_argument("--quick", action="store_true", help="1 round of 3 steps")
+    p.add_argument("--workspace", default=".", help="a directory where prepare and tokenizer have run (params.yaml)")
     args = p.parse_args()
+    os.chdir(args.workspace)
     if args.quick:
         args.rounds, args.steps, args.warmup = 1, 3, 1
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = load_config(load_params())
     tok = load_tokenizer(cfg.tokenizer.special_tokens)
     shape = cfg.model.shape(tok.vocab_size)
-    n = args.warmup + args.steps
-    sides = []
-    for packing in (False, True):  # the same sampler and seed: the same conversations in every batch
-        data = ChatData(paths.PREPARED, tok, shape.block_size, args.batch, cfg.seed, packing=packing)
-        data.setup()
-        sides.append(batches(data, n))
-    plain, packed = sides
-    rows = statistics.mean(b["input_ids"].size(0) for b in packed)
+    n = args.steps
+    chat = ChatData(paths.PREPARED, tok, shape.block_size, args.batch, cfg.seed)
+    chat.setup()
+    pairs_per_batch = cfg.reward.batch_size
+    prefs = PreferenceData(paths.PREPARED, tok, shape.block_size, pairs_per_batch, cfg.seed, 0.1)
+    prefs.setup()
+    wide = wide_chat(cfg, tok, shape.block_size, args.batch, cfg.seed, rows=args.batch * n * 2)
 
-    def fresh() -> GPT:
-        torch.manual_seed(0)
-        return GPT(shape)
+    def answers(b: dict) -> int:
+        return int((b["labels"] != IGNORE_INDEX).sum())
 
-    results: dict[str, list[dict]] = {"padded": [], "packed": []}
-    for _ in range(args.rounds):
-        results["padded"].append(run(fresh, plain, args.warmup, tok.pad_id))
-        results["packed"].append(run(fresh, packed, args.warmup, tok.pad_id))
-    out = {"batch": args.batch, "packed_rows": round(rows, 1), "block_size": shape.block_size, "steps": args.steps,
-           "rounds": args.rounds, "threads": torch.get_num_threads()}
-    for side, runs in results.items():
-        for key in ("tokens_s", "label_tokens_s", "padding"):
-            out[f"{side}_{key}"] = round(statistics.median(r[key] for r in runs), 4 if key == "padding" else 1)
-        print(f"{side:7s}: {out[side + '_tokens_s']:9.1f} tokens/s  {out[side + '_label_tokens_s']:8.1f} answer "
-              f"tokens/s  padding {out[side + '_padding']:.1%}")
-    out["ratio"] = round(out["packed_tokens_s"] / out["padded_tokens_s"], 2)
-    out["ratio_label"] = round(out["packed_label_tokens_s"] / out["padded_label_tokens_s"], 2)
+    workloads = {
+        "sft": (sft_step, answers, sft_batches(chat, n, args.batch, cfg.seed)),
+        "sft_wide": (sft_step, answers, sft_batches(wide, n, args.batch, cfg.seed)),
+        "reward": (reward_step, lambda b: real_positions(b, tok.pad_id), preference_batches(prefs, n, pairs_per_batch)),
+    }
+    models: dict[str, Callable[[], torch.nn.Module]] = {
+        "sft": lambda: GPT(shape), "sft_wide": lambda: GPT(shape),
+        "reward": lambda: ScalarHead(GPT(shape), likelihood_term=cfg.reward.likelihood_term)}
+
+    out: dict = {"batch": args.batch, "pairs_per_batch": pairs_per_batch, "block_size": shape.block_size,
+                 "steps": args.steps, "rounds": args.rounds, "threads": torch.get_num_threads()}
+    for name, (step, trained, (padded, packed)) in workloads.items():
+        def fresh(make=models[name]) -> torch.nn.Module:
+            torch.manual_seed(0)
+            return make()
+
+        runs: dict[str, list[dict]] = {"padded": [], "packed": []}
+        for _ in range(args.rounds):
+            runs["padded"].append(timed(fresh, step, padded, args.warmup, trained, tok.pad_id))
+            runs["packed"].append(timed(fresh, step, packed, args.warmup, trained, tok.pad_id))
+        if runs["padded"][0]["trained"] != runs["packed"][0]["trained"]:
+            raise AssertionError(f"{name}: the sides trained on different tokens")
+        for side, rs in runs.items():
+            out[f"{name}_{side}_tokens_s"] = round(statistics.median(r["tokens_s"] for r in rs), 1)
+            out[f"{name}_{side}_padding"] = round(statistics.median(r["padding"] for r in rs), 4)
+        out[f"{name}_packed_rows"] = round(statistics.mean(b["input_ids"].size(0) for b in packed), 1)
+        out[f"{name}_ratio"] = round(out[f"{name}_packed_tokens_s"] / out[f"{name}_padded_tokens_s"], 2)
+        out[f"{name}_padding_bound"] = round(1 / (1 - out[f"{name}_padded_padding"]), 2)
+        print(f"{name:10s}: padded {out[f'{name}_padded_tokens_s']:8.1f} trained tokens/s, padding "
+              f"{out[f'{name}_padded_padding']:.1%} | packed {out[f'{name}_packed_tokens_s']:8.1f}, padding "
+              f"{out[f'{name}_packed_padding']:.1%} | {out[f'{name}_ratio']:.2f}x (padding alone bounds it at "
+              f"{out[f'{name}_padding_bound']:.2f}x)")
     print(json.dumps(out))
 
 

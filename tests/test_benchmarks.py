@@ -61,3 +61,13 @@ def test_serving_quick_compares_one_client_with_two(micro_chain, tmp_path):
     result = last_json_line("benchmarks.serving", "--quick", "--workspace", str(workspace), timeout=180)
     assert result["req_s_1"] > 0 and result["req_s_2"] > 0 and result["ratio_req_s_2"] > 0
     assert result["tokens_1"] == result["tokens_2"] > 0  # temperature 0: the same replies either way
+
+
+def test_packing_quick_compares_padded_and_packed_batches(micro_chain, tmp_path):
+    workspace = chain_copy(micro_chain, tmp_path)
+    result = last_json_line("benchmarks.packing", "--quick", "--batch", "16", "--workspace", str(workspace),
+                            timeout=180)
+    for workload in ("sft", "sft_wide", "reward"):
+        assert result[f"{workload}_padded_tokens_s"] > 0 and result[f"{workload}_packed_tokens_s"] > 0
+        assert result[f"{workload}_packed_padding"] < result[f"{workload}_padded_padding"]
+        assert result[f"{workload}_ratio"] > 0

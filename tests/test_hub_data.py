@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config.data import ADAPTER_KINDS, SPLIT_KINDS, CorpusConfig, DataConfig, SourceConfig, SourcesConfig
+from pipeline.config.data import DataConfig
 from pipeline.config.load import compose
+from pipeline.config.sources import ADAPTER_KINDS, SPLIT_KINDS, CorpusConfig, SourceConfig, SourcesConfig
 from pipeline.data.datamodules import ChatData, PreferenceData
 from pipeline.data.hub import ADAPTERS, RowError, load_rows
 from pipeline.data.prepare import check_sources, prepare

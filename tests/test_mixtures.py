@@ -1,7 +1,7 @@
-"""Tests for weighted data mixtures (`data.sources.<split>` as a list of sources): a two-source SFT mixture of
+"""Tests for weighted data mixtures (`data.mixtures.<split>`, a list of sources): a two-source SFT mixture of
 the generator and a local file in smoltalk's schema prepares offline with the counts `mixture_counts` gives,
 recorded in the metrics and manifest, seeded, and checked for eval leaks across both sources; a bad mixture
-is refused before any work, naming the field.
+is refused before any work, naming the field; the command-line form composes with Hydra as written.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.config.data import FAMILIES, DataConfig, MixtureSource, SourcesConfig, mixture_counts
+from pipeline.config.data import FAMILIES, DataConfig
+from pipeline.config.sources import MixturesConfig, MixtureSource, mixture_counts
 from pipeline.data.prepare import check_sources, prepare
 from pipeline.data.splits import SPLIT_FILES, load_split
 from tests.conftest import compose_micro
@@ -32,7 +33,7 @@ def micro_data(sft: list[dict] | None = None, **top: object) -> dict:
     """The micro experiment's `data` config as a mapping, its SFT split given as `sft` (a mixture)."""
     data = OmegaConf.to_container(compose_micro().data, resolve=True)
     if sft is not None:
-        data["sources"]["sft"] = sft
+        data["mixtures"]["sft"] = sft
     return data | top
 
 
@@ -71,10 +72,11 @@ def test_a_two_source_sft_mixture_prepares_with_the_expected_counts_and_its_leak
         "sft_source0_rows": 225, "sft_source1_rows": 75, "sft_source1_skipped": 0, "sft_source1_too_long": 0}
 
     manifest = json.loads((tmp_path / "mix" / "manifest.json").read_text())
-    entries = manifest["sources"]["sft"]
+    entries = manifest["mixtures"]["sft"]
     assert [(e["source"], e["weight"], e["drawn"]) for e in entries] == [("generated", 3, 225), ("files", 1, 75)]
     assert entries[1] | {"read": 100, "skipped": 0, "too_long": 0} == entries[1]
-    assert list(manifest["sources"]) == ["sft"] and manifest["counts"]["sft"] == SFT_SIZE
+    assert list(manifest["mixtures"]) == ["sft"] and "sources" not in manifest
+    assert manifest["counts"]["sft"] == SFT_SIZE
     assert manifest["per_family"]["sft"]["smoltalk"] == 75
     for split, name in SPLIT_FILES.items():  # the other splits are exactly the all-generated ones
         if split != "sft":
@@ -113,52 +115,77 @@ def test_a_file_row_that_leaks_an_eval_problem_is_caught(tmp_path, generated):
 
 
 def test_a_file_with_too_few_rows_for_its_share_is_refused(tmp_path, chats):
-    with pytest.raises(ValueError, match=r"data\.sources\.sft\[1\] \(smoltalk: .*smoltalk\.jsonl.*\) has 100 usable "
+    with pytest.raises(ValueError, match=r"data\.mixtures\.sft\[1\] \(smoltalk: .*smoltalk\.jsonl.*\) has 100 usable "
                                          r"rows, fewer than the 150 the mixture draws from it"):
         prepare(micro_data(mixture(chats, {"weight": 1}, {"weight": 1})), tmp_path / "out", progress=False)
 
 
 @pytest.mark.parametrize(("sft", "error"), [
-    ([{"source": "generated", "weight": 0}], r"data\.sources\.sft\[0\]\.weight is 0: it must be positive"),
-    ([{"source": "generated", "weight": -1.5}], r"data\.sources\.sft\[0\]\.weight is -1\.5: it must be positive"),
-    ([{"source": "generated", "weight": 1, "rows": 10}], r"data\.sources\.sft\[0\] needs exactly one of weight .* "
+    ([{"source": "generated", "weight": 0}], r"data\.mixtures\.sft\[0\]\.weight is 0: it must be positive"),
+    ([{"source": "generated", "weight": -1.5}], r"data\.mixtures\.sft\[0\]\.weight is -1\.5: it must be positive"),
+    ([{"source": "generated", "weight": 1, "rows": 10}], r"data\.mixtures\.sft\[0\] needs exactly one of weight .* "
                                                          r"or rows .*: it has both"),
-    ([{"source": "generated"}], r"data\.sources\.sft\[0\] needs exactly one of weight .*: it has neither"),
+    ([{"source": "generated"}], r"data\.mixtures\.sft\[0\] needs exactly one of weight .*: it has neither"),
     ([{"source": "generated", "weight": 1}, {"source": "web", "weight": 1}],
-     r"data\.sources\.sft\[1\]\.source 'web' is unknown: choose one of generated, hub, files"),
+     r"data\.mixtures\.sft\[1\]\.source 'web' is unknown: choose one of generated, hub, files"),
     ([{"source": "generated", "weight": 1}, {"source": "files", "adapter": "gsm8k", "data_files": "x.jsonl",
                                              "weight": 1}],
-     r"data\.sources\.sft\[1\]\.adapter 'gsm8k' makes problem rows but sft holds chat rows"),
+     r"data\.mixtures\.sft\[1\]\.adapter 'gsm8k' makes problem rows but sft holds chat rows"),
     ([{"source": "generated", "weight": 1}, {"source": "generated", "rows": 5}],
-     r"data\.sources\.sft\[1\] is a second generated entry"),
+     r"data\.mixtures\.sft\[1\] is a second generated entry"),
     ([{"source": "generated", "weight": 1}, {"source": "files", "adapter": "smoltalk", "data_files": "x.jsonl",
                                              "rows": 300}],
-     r"data\.sources\.sft: its rows entries sum to 300, leaving nothing of data\.sizes\.sft \(300\)"),
+     r"data\.mixtures\.sft: its rows entries sum to 300, leaving nothing of data\.sizes\.sft \(300\)"),
     ([{"source": "generated", "weight": 1, "ratio": 2}],
-     r"data\.sources\.sft\[0\]\.ratio is not a setting of data\.sources\.sft\[0\]"),
-    ([], r"data\.sources\.sft is an empty list"),
+     r"data\.mixtures\.sft\[0\]\.ratio is not a setting of data\.mixtures\.sft\[0\]"),
+    ([], r"data\.mixtures\.sft is an empty list"),
+    ({"source": "generated", "weight": 1}, r"data\.mixtures\.sft must be a list of sources"),
 ])
 def test_bad_mixtures_are_refused_naming_the_field(sft, error):
     with pytest.raises(ValueError, match=error):
         DataConfig.parse(micro_data(sft))
 
 
+def test_a_mixture_over_a_split_read_from_files_is_refused_naming_both_fields(chats):
+    data = micro_data(mixture(chats, {"weight": 3}, {"weight": 1}))
+    data["sources"]["sft"] = {"source": "files", "adapter": "smoltalk", "data_files": str(chats)}
+    with pytest.raises(ValueError, match=r"data\.mixtures\.sft and data\.sources\.sft \(source files\) both say "
+                                         r"where sft comes from: .* set data\.sources\.sft\.source back to generated, "
+                                         r"or set data\.mixtures\.sft to null"):
+        DataConfig.parse(data)
+
+
 def test_a_missing_mixture_file_is_refused_before_any_work(tmp_path):
     cfg = DataConfig.parse(micro_data(mixture(tmp_path / "nowhere.jsonl", {"weight": 3}, {"weight": 1})))
-    with pytest.raises(FileNotFoundError, match=rf"data\.sources\.sft\[1\]\.data_files names "
+    with pytest.raises(FileNotFoundError, match=rf"data\.mixtures\.sft\[1\]\.data_files names "
                                                 rf"{re.escape(str(tmp_path))}/nowhere\.jsonl"):
         check_sources(cfg)
 
 
-def test_a_mixture_composes_from_the_command_line_and_one_source_stays_as_it_was():
-    """Hydra cannot merge a list over conf/'s mapping: delete the entry first (~), then add the list (+)."""
-    cfg = compose_micro("~data.sources.sft", "+data.sources.sft=[{source: generated, weight: 3}, "
-                        "{source: files, adapter: smoltalk, data_files: chats.jsonl, weight: 1}]")
-    sources = DataConfig.parse(cfg.data).sources
-    assert [(e.source, e.weight) for e in sources.sft] == [("generated", 3), ("files", 1)]
-    assert list(sources.mixtures()) == ["sft"] and sources.external() == {}
-    assert SourcesConfig().mixtures() == {} and SourcesConfig().to_dict() == SourcesConfig.parse(
-        OmegaConf.to_container(compose_micro().data.sources), "data.sources").to_dict()
+SFT_MIXTURE = ("data.mixtures.sft=[{source: generated, weight: 3}, "
+               "{source: files, adapter: smoltalk, data_files: chats.jsonl, weight: 1}]")
+
+
+def test_a_mixture_composes_from_the_command_line_as_written(tmp_path):
+    """conf/ sets data.mixtures.<split> to null, which Hydra merges a list over (no ~ or + needed), both when
+    composing (python -m pipeline) and when writing params.yaml (dvc exp run -S, python -m pipeline.config)."""
+    from pipeline.config.load import load_params, write_params
+
+    composed = compose_micro(SFT_MIXTURE)
+    written = load_params(write_params(["experiment=micro", SFT_MIXTURE], tmp_path / "params.yaml"))
+    for cfg in (composed, written):
+        assert [e["source"] for e in cfg.data.mixtures.sft] == ["generated", "files"]
+        data = DataConfig.parse(cfg.data)
+        assert [(e.source, e.weight) for e in data.mixtures.sft] == [("generated", 3), ("files", 1)]
+        assert list(data.mixtures.splits()) == ["sft"] and data.sources.external() == {}
+        assert [where for where, _ in data.entries("sft")] == ["data.mixtures.sft[0]", "data.mixtures.sft[1]"]
+
+
+def test_no_mixture_is_the_default():
+    data = DataConfig.parse(compose_micro().data)
+    assert data.mixtures.splits() == {} and data.mixtures == MixturesConfig()
+    assert OmegaConf.to_container(compose_micro().data.mixtures) == MixturesConfig().to_dict()
+    assert [where for where, _ in data.entries("sft")] == ["data.sources.sft"]
 
 
 def test_an_eval_mixture_is_the_same_for_every_training_seed(tmp_path):
@@ -168,7 +195,7 @@ def test_an_eval_mixture_is_the_same_for_every_training_seed(tmp_path):
     outs = []
     for seed in (1234, 99):
         data = micro_data(seed=seed)
-        data["sources"]["eval"] = eval_mix
+        data["mixtures"]["eval"] = eval_mix
         metrics = prepare(data, tmp_path / str(seed), progress=False)
         assert (metrics["eval_rows"], metrics["eval_source0_rows"], metrics["eval_source1_rows"]) == (40, 37, 3)
         assert metrics["leaked_keys"] == 0

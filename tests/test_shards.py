@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config.data import CorpusConfig
+from pipeline.config.sources import CorpusConfig
 from pipeline.data.datamodules import PretrainData, RandomWindows
 from pipeline.data.shards import TokenShards, open_corpus, token_dtype, write_tokens
 from pipeline.data.tokenizer import ChatTokenizer, train_bpe

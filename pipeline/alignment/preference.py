@@ -19,10 +19,11 @@ from pipeline import paths
 from pipeline.config.align import MethodConfig
 from pipeline.config.training import OnPolicyConfig
 from pipeline.data.datamodules import PreferenceData
+from pipeline.data.packing import padding_share, sequence_tokens
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.model.gpt import GPT
 from pipeline.model.logprobs import packed_sequence_logprobs, sequence_logprobs
-from pipeline.training.curves import CurveRecorder
+from pipeline.training.curves import CurveRecorder, mean_of
 from pipeline.training.objective import Objective
 from pipeline.training.parallel import gpt_like, trained_module
 from pipeline.training.reward import on_policy_splits, sample_on_policy
@@ -45,8 +46,9 @@ class PreferenceConfig(MethodConfig):
     val_batches: Annotated[int, Field(ge=1)] = 4
     on_policy: OnPolicyConfig = OnPolicyConfig()
     """Pairs from the SFT policy's own wrong samples (checker-labelled), added to the preference split."""
-    packing: bool = False
-    """Pack each batch's chosen and rejected sequences into rows of model.block_size (pipeline.data.packing)."""
+    packing: bool = True
+    """Pack each batch's chosen and rejected sequences into rows of model.block_size (pipeline.data.packing)
+    instead of padding them: the same log-probs, fewer positions."""
 
     def answer_budgets(self) -> dict[str, int]:
         return {"on_policy.max_new_tokens": self.on_policy.max_new_tokens}
@@ -117,7 +119,8 @@ class PreferenceObjective(Objective):
         return {**out, "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": chosen - rejected}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.log_throughput(batch["input_ids"].numel(), batch_idx)
+        self.log_throughput(sequence_tokens(batch), batch_idx)  # real tokens, padded or packed alike
+        self.log("train/padding", padding_share(batch))
         out = self.stats(batch)
         pairs = out["loss"].size(0)
         loss = out["loss"].mean()
@@ -143,5 +146,6 @@ def fit_preference(module: PreferenceObjective, cfg: PipelineConfig, spec: Stage
     trainer, curves, final = fit(module, data, cfg, spec, callbacks=callbacks, max_steps=acfg.steps,
                                  val_every=acfg.val_every, val_batches=acfg.val_batches, grad_clip=acfg.grad_clip)
     own = {"on_policy_pairs": len(data.extra_rows), "held_out_pairs": len(data.val_rows),
+           "padding": mean_of(curves.train, "train/padding"),
            **{k.removeprefix("val/"): v for k, v in final.items() if k.startswith("val/")}}
     return curves, own, trained_module(trainer, module, "policy", gpt_like(policy))

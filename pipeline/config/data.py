@@ -1,21 +1,18 @@
 """The `data` and `tokenizer` config groups: what the generator makes, where each split and the pretraining
 text come from, and the BPE.
 
-`DataConfig` is conf/data/*.yaml; `CorpusConfig` (`data.corpus`) names the pretraining text the tokenizer
-stage shards; `SourceConfig` (`data.sources.<split>`) a hub dataset or local files for one chat split, or
-`MixtureSource` one weighted entry of a list of them (a mixture; `mixture_counts` gives each entry's rows);
-`TokenizerConfig` the BPE and the chat template's special tokens. Every check runs when the config is
-loaded, before any stage touches the disk. Files named by `data_files` are checked to exist by the stage
-that reads them (prepare, tokenizer), since later stages no longer need them.
+`DataConfig` is conf/data/*.yaml: the generator's settings, and where each split comes from
+(`data.corpus`, `data.sources`, `data.mixtures`: pipeline.config.sources); `TokenizerConfig` the BPE and the
+chat template's special tokens. Every check runs when the config is loaded, before any stage touches the disk.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.schema import Schema, describe
+from pipeline.config.schema import Schema
+from pipeline.config.sources import SPLIT_KINDS, CorpusConfig, MixturesConfig, SourceConfig, SourcesConfig, allocate
 
 Count = Annotated[int, Field(ge=1)]
 
@@ -37,8 +34,6 @@ DEMO_ERROR_KINDS: tuple[str, ...] = tuple(sorted({k for kinds in CORRUPTIONS.val
                                                  - {"missing_end"}))
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
-Source = Literal["generated", "hub", "files"]
-Files = str | list[str] | dict[str, str | list[str]]
 
 # Share of each document kind in the pretraining corpus (fixed: `families` weights the chat splits).
 PRETRAIN_MIX: dict[str, float] = {"fact": 0.3, "story": 0.2, "arith": 0.3, "string": 0.2}
@@ -46,212 +41,6 @@ PRETRAIN_MIX: dict[str, float] = {"fact": 0.3, "story": 0.2, "arith": 0.3, "stri
 ROLES: tuple[str, ...] = ("pad", "bos", "user", "assistant", "end")
 DEFAULT_SPECIALS: tuple[str, ...] = ("<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>")
 BYTES = 256  # a byte-level BPE starts from every byte
-# Which kind of row each chat split holds (what its readers in datamodules/evaluate expect), and which
-# kind each hub adapter (pipeline.data.hub.ADAPTERS) makes.
-SPLIT_KINDS: dict[str, str] = {"sft": "chat", "preference": "preference", "rl_prompts": "problem",
-                               "eval": "problem", "eval_hard": "problem"}
-ADAPTER_KINDS: dict[str, str] = {"smoltalk": "chat", "ultrachat": "chat", "ultrafeedback": "preference",
-                                 "hh_rlhf": "preference", "gsm8k": "problem"}
-# file suffix -> the `datasets` builder that reads it: pretraining text may be plain text, chat splits not
-CORPUS_FILES = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
-SOURCE_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
-    """Split `total` in proportion to `weights` (largest remainder; deterministic)."""
-    positive = {k: w for k, w in weights.items() if w > 0}
-    norm = sum(positive.values())
-    exact = {k: total * w / norm for k, w in positive.items()}
-    counts = {k: int(v) for k, v in exact.items()}
-    order = sorted(positive, key=lambda k: (-(exact[k] - counts[k]), list(weights).index(k)))
-    for k in order[: total - sum(counts.values())]:
-        counts[k] += 1
-    return {k: counts.get(k, 0) for k in weights}
-
-
-def file_builder(files: Files, where: str, builders: dict[str, str], must_exist: bool = True) -> str:
-    """The `datasets` builder (json, text, parquet) for `files` (a path, a list, or {split: paths}), after
-    checking all are of one kind and, with `must_exist`, exist; errors name the config field `where`."""
-    entries = [files] if isinstance(files, str) else list(files.values() if isinstance(files, dict) else files)
-    flat = [p for item in entries for p in ([item] if isinstance(item, str) else item)]
-    kinds = {builders.get(Path(p).suffix.lower()) for p in flat}
-    if None in kinds or len(kinds) != 1:
-        raise ValueError(f"{where}.data_files {files!r}: every file must end in one of {', '.join(builders)}, "
-                         "all of one kind")
-    for p in flat if must_exist else ():
-        if not any(c in p for c in "*?[") and not Path(p).is_file():
-            raise FileNotFoundError(f"{where}.data_files names {p}, which does not exist: fix the path")
-    return kinds.pop()
-
-
-class CorpusConfig(Schema):
-    """Where the pretraining text comes from and how it is sharded (`data.corpus`)."""
-
-    where = "data.corpus"
-
-    source: Source = "generated"
-    """generated: data/prepared/pretrain*.jsonl from `prepare`; hub: an HF dataset; files: local files."""
-    path: str | None = None
-    """hub: dataset id, e.g. HuggingFaceFW/fineweb-edu."""
-    name: str | None = None
-    """hub: dataset config name, e.g. sample-10BT."""
-    data_files: Files | None = None
-    """files (or hub): a path, a list of paths, or {split: paths}; .json/.jsonl/.txt/.parquet."""
-    split: str = "train"
-    """hub/files: the split to train on."""
-    val_split: str | None = None
-    """hub/files: the validation split; null holds out the first `val_docs` documents of `split`."""
-    val_docs: Count = 1000
-    text_field: Annotated[str, Field(min_length=1)] = "text"
-    """The column holding the text."""
-    streaming: bool = False
-    """Read lazily: nothing is materialised, so the corpus may exceed the disk cache."""
-    max_docs: Count | None = None
-    """Cap on training documents (null = all)."""
-    shard_tokens: Count = 100_000_000
-    """Tokens per shard file (100M = 200 MB as uint16)."""
-    num_proc: Count | None = None
-    """Tokenizer processes for a non-streaming corpus (null = in this process)."""
-    batch_docs: Count = 1000
-    """Documents per tokenization batch."""
-
-    @model_validator(mode="after")
-    def _source_is_complete(self):
-        if self.source == "hub" and not self.path:
-            raise ValueError("@.path is required for source hub: set it to a dataset id, e.g. "
-                             "HuggingFaceFW/fineweb-edu")
-        if self.source == "files":
-            if not self.data_files:
-                raise ValueError("@.data_files is required for source files: set it to a .jsonl, .json, .txt or "
-                                 ".parquet path (or a list, or {split: paths})")
-            file_builder(self.data_files, "@", CORPUS_FILES, must_exist=False)
-        if self.streaming and self.num_proc:
-            raise ValueError("@.num_proc needs streaming: false (a streamed corpus is tokenized lazily in one "
-                             "process): set num_proc to null or streaming to false")
-        return self
-
-
-class SourceConfig(Schema):
-    """Where one chat split comes from (`data.sources.<split>`)."""
-
-    source: Source = "generated"
-    """generated: the embedded generator (data.sizes); hub: an HF dataset; files: local files."""
-    adapter: str | None = None
-    """hub/files: how rows map onto the split's schema, one of pipeline.data.hub.ADAPTERS."""
-    path: str | None = None
-    """hub: dataset id, e.g. HuggingFaceTB/smoltalk."""
-    name: str | None = None
-    """hub: dataset config, e.g. all (smoltalk) or main (gsm8k)."""
-    data_files: Files | None = None
-    """files: a .jsonl/.json/.parquet path, a list, or {split: paths}, rows in the dataset's own schema."""
-    split: str = "train"
-    """hub/files: the dataset split to read."""
-    max_rows: Count | None = None
-    """Rows to keep (the first ones that map and fit; null = all)."""
-    max_chars: Count | None = None
-    """Skip rows with more characters than this (null = keep all), so they fit model.block_size."""
-
-    @model_validator(mode="after")
-    def _source_is_complete(self):
-        if self.source == "generated":
-            return self
-        if self.adapter not in ADAPTER_KINDS:
-            raise ValueError(f"@.adapter {self.adapter!r} is unknown: use one of {', '.join(ADAPTER_KINDS)}")
-        if self.source == "hub" and not self.path:
-            raise ValueError("@.path is required for source hub: set it to a dataset id")
-        if self.source == "files":
-            if not self.data_files:
-                raise ValueError("@.data_files is required for source files: set it to a .jsonl, .json or "
-                                 ".parquet path (or a list, or {split: paths})")
-            file_builder(self.data_files, "@", SOURCE_FILES, must_exist=False)
-        return self
-
-
-class MixtureSource(SourceConfig):
-    """One entry of a mixture (`data.sources.<split>` as a list): a source and its share of the split."""
-
-    weight: Annotated[float, Field(gt=0)] | None = None
-    """A share of what `data.sizes.<split>` leaves after the `rows` entries (relative to the other weights)."""
-    rows: Count | None = None
-    """Exactly this many rows (instead of a weight)."""
-
-    @model_validator(mode="after")
-    def _weight_or_rows(self):
-        if (self.weight is None) == (self.rows is None):
-            raise ValueError("@ needs exactly one of weight (a share of data.sizes.<split>) or rows (a count): "
-                             f"it has {'both' if self.weight is not None else 'neither'}")
-        return self
-
-
-Mixture = list[MixtureSource]
-Sources = SourceConfig | Mixture
-
-
-def mixture_counts(entries: Mixture, size: int) -> list[int]:
-    """Rows drawn from each entry: `rows` as given; the `weight` entries share `size` minus those rows by
-    largest remainder (ties to the earlier entry), so the counts sum to it exactly. With only `rows` entries
-    the split has their sum and `size` is unused."""
-    fixed = sum(e.rows or 0 for e in entries)
-    weights = {str(i): e.weight for i, e in enumerate(entries) if e.weight is not None}
-    shares = allocate(size - fixed, weights) if weights else {}
-    return [e.rows if e.rows is not None else shares[str(i)] for i, e in enumerate(entries)]
-
-
-class SourcesConfig(Schema):
-    """`data.sources`: one entry per chat split (pretraining text is `data.corpus`): a source, or a list of
-    weighted sources (a mixture)."""
-
-    sft: Sources = SourceConfig()
-    preference: Sources = SourceConfig()
-    rl_prompts: Sources = SourceConfig()
-    eval: Sources = SourceConfig()
-    eval_hard: Sources = SourceConfig()
-
-    @field_validator(*SPLIT_KINDS, mode="wrap")
-    @classmethod
-    def _one_or_mixture(cls, value: Any, handler: Any, info: ValidationInfo) -> Sources:
-        if not isinstance(value, list):
-            return SourceConfig.model_validate(value)  # errors keep their place (data.sources.<split>.<field>)
-        entries = []
-        for i, entry in enumerate(value):
-            try:
-                entries.append(MixtureSource.model_validate(entry))
-            except ValidationError as err:  # one line per problem, each naming data.sources.<split>[i].<field>
-                raise ValueError(describe(err, MixtureSource, f"@[{i}]")) from None
-        if not entries:
-            raise ValueError("@ is an empty list: give one source, or a list of sources each with a weight or rows")
-        generated = [i for i, e in enumerate(entries) if e.source == "generated"]
-        if len(generated) > 1:
-            raise ValueError(f"@[{generated[1]}] is a second generated entry: the generator is one source, so give "
-                             f"it one entry (its weight or rows sum those of @[{generated[0]}] and this one)")
-        return entries
-
-    @model_validator(mode="after")
-    def _adapters_make_the_split_kind(self):
-        for split, kind in SPLIT_KINDS.items():
-            for where, cfg in self.entries(split):
-                made = ADAPTER_KINDS.get(cfg.adapter or "")
-                if cfg.source != "generated" and made != kind:
-                    fits = [a for a, k in ADAPTER_KINDS.items() if k == kind]
-                    raise ValueError(f"@.{split}{where}.adapter {cfg.adapter!r} makes {made} rows but {split} holds "
-                                     f"{kind} rows: use one of {', '.join(fits)}")
-        return self
-
-    def entries(self, split: str) -> list[tuple[str, SourceConfig]]:
-        """The split's sources with where each sits under `data.sources.<split>` ("" for a single one, "[i]")."""
-        value: Sources = getattr(self, split)
-        return [("", value)] if isinstance(value, SourceConfig) else [(f"[{i}]", e) for i, e in enumerate(value)]
-
-    def mixtures(self) -> dict[str, Mixture]:
-        """The splits given as a list of weighted sources, by name."""
-        return {split: getattr(self, split) for split in SPLIT_KINDS if isinstance(getattr(self, split), list)}
-
-    def external(self) -> dict[str, SourceConfig]:
-        """The splits read from one hub dataset or local files (not a mixture), by name."""
-        return {split: value for split in SPLIT_KINDS for value in [getattr(self, split)]
-                if isinstance(value, SourceConfig) and value.source != "generated"}
-
-
 class WorldConfig(Schema):
     n_entities: Annotated[int, Field(ge=2)] = 24
     """Invented entities whose facts the pretraining text states."""
@@ -319,7 +108,8 @@ class MultiTurnConfig(Schema):
 
 
 class DataConfig(Schema):
-    """The `data` config group (conf/data/*.yaml): the embedded generator, the pretraining text, the sources."""
+    """The `data` config group (conf/data/*.yaml): the embedded generator, the pretraining text, the sources and
+    mixtures of the chat splits."""
 
     where = "data"
 
@@ -344,6 +134,7 @@ class DataConfig(Schema):
     multi_turn: MultiTurnConfig = MultiTurnConfig()
     corpus: CorpusConfig = CorpusConfig()
     sources: SourcesConfig = SourcesConfig()
+    mixtures: MixturesConfig = MixturesConfig()
 
     @field_validator("families")
     @classmethod
@@ -365,13 +156,29 @@ class DataConfig(Schema):
             raise ValueError(f"@.sizes.pretrain_docs ({self.sizes.pretrain_docs}) gives {fact_docs} fact documents, "
                              f"fewer than @.world.n_entities ({self.world.n_entities}): raise pretrain_docs or "
                              "lower n_entities")
-        for split, entries in self.sources.mixtures().items():
+        for split, entries in self.mixtures.splits().items():
+            single = getattr(self.sources, split)
+            if single.source != "generated":
+                raise ValueError(f"@.mixtures.{split} and @.sources.{split} (source {single.source}) both say where "
+                                 f"{split} comes from: a mixture's entries name their own sources, so move that one "
+                                 f"into the mixture as an entry and set @.sources.{split}.source back to generated, "
+                                 f"or set @.mixtures.{split} to null")
             size, fixed = getattr(self.sizes, split), sum(e.rows or 0 for e in entries)
             if any(e.weight is not None for e in entries) and fixed >= size:
-                raise ValueError(f"@.sources.{split}: its rows entries sum to {fixed}, leaving nothing of "
+                raise ValueError(f"@.mixtures.{split}: its rows entries sum to {fixed}, leaving nothing of "
                                  f"@.sizes.{split} ({size}) for its weight entries: raise sizes.{split}, lower "
                                  "those rows, or give every entry rows")
         return self
+
+    def entries(self, split: str | None = None) -> list[tuple[str, SourceConfig]]:
+        """Every source of `split` (of every chat split when None) with the config field it sits at: a mixture's
+        entries (`data.mixtures.<split>[i]`), else the split's one source (`data.sources.<split>`)."""
+        found: list[tuple[str, SourceConfig]] = []
+        for name in SPLIT_KINDS if split is None else (split,):
+            mixture = getattr(self.mixtures, name)
+            found += ([(f"data.sources.{name}", getattr(self.sources, name))] if mixture is None
+                      else [(f"data.mixtures.{name}[{i}]", e) for i, e in enumerate(mixture)])
+        return found
 
     def weights(self) -> dict[str, float]:
         """Every family's weight, in FAMILIES order (0 for one the config leaves out)."""

@@ -59,10 +59,10 @@ class SFTConfig(StepsConfig):
 
     where = "sft"
 
-    packing: bool = False
+    packing: bool = True
     """Pack each batch's conversations into rows of model.block_size (no attention across conversations, positions
     restarting per conversation: pipeline.data.packing) instead of padding them; batches are then drawn shuffled
-    rather than by length band, which packs tighter."""
+    rather than by length band, which packs tighter. The same loss, fewer positions (benchmarks/packing.py)."""
 
 
 class OnPolicyConfig(Schema):
@@ -88,8 +88,9 @@ class RewardConfig(StepsConfig):
     """Preference pairs held out to measure pairwise accuracy."""
     likelihood_term: bool = True
     """Add s * log p(response) under the frozen SFT backbone to the head's score (pipeline.model.heads)."""
-    packing: bool = False
-    """Pack each batch's chosen and rejected sequences into rows of model.block_size (pipeline.data.packing)."""
+    packing: bool = True
+    """Pack each batch's chosen and rejected sequences into rows of model.block_size (pipeline.data.packing)
+    instead of padding them: the same scores, fewer positions (benchmarks/packing.py)."""
     on_policy: OnPolicyConfig = OnPolicyConfig()
 
 

@@ -328,8 +328,9 @@ class ChatData(HeldOutData):
         if self.packing:
             rows = pack([len(ids) for ids, _ in items], self.block_size)
             return packed_rows([[items[i] for i in row] for row in rows], self.block_size, self.tok.pad_id)
-        return {"input_ids": pad_right([i for i, _ in items], self.tok.pad_id),
-                "labels": pad_right([labels for _, labels in items], IGNORE_INDEX)}
+        ids = [i for i, _ in items]
+        return {"input_ids": pad_right(ids, self.tok.pad_id), "labels": pad_right([labels for _, labels in items],
+                IGNORE_INDEX), "attention_mask": pad_right([[1] * len(i) for i in ids], 0).bool()}
 
 
 class PreferenceData(HeldOutData):

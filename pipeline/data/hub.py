@@ -1,8 +1,9 @@
 """Chat, preference and problem splits from a Hub dataset (or local files in its schema), by adapter.
 
 Holds `ADAPTERS` (dataset name -> a function from one of the dataset's rows to one of ours, or None to
-skip it; the kind of row each makes is `pipeline.config.data.ADAPTER_KINDS`) and `load_rows` (read a
-source, map, validate, cap). One entry of `data.sources` is `pipeline.config.data.SourceConfig`.
+skip it; the kind of row each makes is `pipeline.config.sources.ADAPTER_KINDS`), `load_rows` (read a
+source, map, validate, cap) and `check_sources` (every local file a config names exists). A
+`data.sources.<split>` entry, or one of a `data.mixtures.<split>` list, is a `pipeline.config.sources.SourceConfig`.
 
 Design choices:
 - An adapter reads one row in its dataset's own schema and returns a row in the pipeline's schema
@@ -39,7 +40,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.config.data import ADAPTER_KINDS, SOURCE_FILES, SourceConfig, file_builder
+from pipeline.config.data import DataConfig
+from pipeline.config.sources import ADAPTER_KINDS, SOURCE_FILES, SourceConfig, file_builder
 
 
 class RowError(ValueError):
@@ -148,7 +150,7 @@ def gsm8k(row: dict) -> dict[str, Any] | None:
 
 
 # name -> a function from one row of the dataset to one of ours (None: skip it); the kind of row each
-# makes is declared in pipeline.config.data.ADAPTER_KINDS, which the config is checked against
+# makes is declared in pipeline.config.sources.ADAPTER_KINDS, which the config is checked against
 ADAPTERS: dict[str, Callable[[dict], dict[str, Any] | None]] = {
     "smoltalk": smoltalk, "ultrachat": ultrachat, "ultrafeedback": ultrafeedback, "hh_rlhf": hh_rlhf, "gsm8k": gsm8k,
 }
@@ -193,16 +195,26 @@ def describe(cfg: SourceConfig) -> str:
     return f"{cfg.data_files} split {cfg.split}"
 
 
-def load_rows(split: str, cfg: SourceConfig) -> tuple[list[dict], dict[str, int]]:
-    """The split's rows from `cfg` (read, mapped, validated, capped) and counts of what was dropped."""
+def check_sources(cfg: DataConfig) -> None:
+    """Every local file `data.sources` and `data.mixtures` name exists (FileNotFoundError naming the field),
+    checked before any work."""
+    for where, source in cfg.entries():
+        if source.source == "files":
+            file_builder(source.data_files, where, SOURCE_FILES)
+
+
+def load_rows(split: str, cfg: SourceConfig, field: str | None = None) -> tuple[list[dict], dict[str, int]]:
+    """The split's rows from `cfg` (read, mapped, validated, capped) and counts of what was dropped; errors name
+    `field`, the config field `cfg` sits at (default data.sources.<split>)."""
     import datasets
 
-    where = f"data.sources.{split} ({cfg.adapter}: {describe(cfg)})"
+    field = field or f"data.sources.{split}"
+    where = f"{field} ({cfg.adapter}: {describe(cfg)})"
     try:
         if cfg.source == "hub":
             ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=True)
         else:
-            builder = file_builder(cfg.data_files, f"data.sources.{split}", SOURCE_FILES)
+            builder = file_builder(cfg.data_files, field, SOURCE_FILES)
             ds = datasets.load_dataset(builder, data_files=cfg.data_files, split=cfg.split, streaming=True)
     except Exception as e:  # offline hub, unknown id/config/split...: one message with the fix
         raise ValueError(f"{where}: could not open the dataset ({type(e).__name__}: {e}). A hub source is "

@@ -71,6 +71,20 @@ def collate(examples: Sequence[Sequence[tuple[list[int], list[int]]]], width: in
     return {"input_ids": ids, "labels": labels, "document_ids": docs, "attention_mask": mask}
 
 
+def sequence_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The real tokens of a preference batch, padded or packed: its sequences' lengths summed (no padding)."""
+    if "sequence_ids" in batch:
+        return (batch["sequence_ids"] >= 0).sum()
+    return (batch["last"] + 1).sum()  # padded rows: each sequence's last position is its length - 1
+
+
+def padding_share(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The share of a chat or preference batch's positions that hold padding, padded or packed: what packing
+    saves (logged as train/padding by the stages that train on such batches)."""
+    real = batch["attention_mask"].sum() if "attention_mask" in batch else sequence_tokens(batch)
+    return 1 - real / batch["input_ids"].numel()
+
+
 def collate_sequences(items: Sequence[tuple[list[int], int]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Preference sequences (ids, prompt length), each batch's chosen ones then rejected ones, packed into rows:
     input_ids, document_ids, `sequence_ids` (which sequence each position holds, -1 none), `response_mask` (the

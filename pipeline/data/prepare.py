@@ -1,8 +1,8 @@
 """The prepare stage: validate the data config, generate every split, write them atomically.
 
-Holds `prepare` (generation + writing + manifest + metrics) and `check_sources` (the local files a config
-names exist, before any work). The config is `pipeline.config.data.DataConfig`, checked when it was
-loaded; the files are read back by `pipeline.data.splits`.
+Holds `prepare` (generation + writing + manifest + metrics); `check_sources` (the local files a config
+names exist, before any work) is `pipeline.data.hub`'s. The config is `pipeline.config.data.DataConfig`,
+checked when it was loaded; the files are read back by `pipeline.data.splits`.
 
 Design choices:
 - Each split has its own `random.Random` seeded from (`seed`, split name), so changing one
@@ -15,15 +15,11 @@ Design choices:
   are exact and reproducible; eval draws unique keys and, when a family's eval pool is
   smaller than its share, hands the rest to other families.
 - A chat split whose `data.sources` entry is not `generated` is read from the Hub or local files
-  through an adapter (`pipeline.data.hub`) instead; the eval partition and its audit apply to
-  generated rows, hub rows are checked only for keys shared between training and eval. With every
-  split generated, the files and manifest are exactly those of a config without `data.sources`.
-- A split given as a list of sources (a mixture) draws from each the rows `mixture_counts` gives it
-  (largest remainder over the weights): the generator makes just that many, a hub or file source
-  yields its usable rows (the first `max_rows`) of which that many are sampled; the rows are then
-  shuffled together. Both draws are seeded by (`seed`, split, entry), or by the eval seed for an eval
-  split. The audit checks each row by where it came from: generated rows against the partition, rows
-  from the hub or files for keys, and prompts, shared between training and eval.
+  through an adapter (`pipeline.data.hub`) instead, and one with a `data.mixtures` list is drawn from
+  several weighted sources (`pipeline.data.mixture`). The audit checks each row by where it came from:
+  generated rows against the partition, rows from the hub or files for keys, and prompts, shared
+  between training and eval. With neither, the files and manifest are exactly those of a config
+  without `data.sources` or `data.mixtures`.
 - Files are written with HF `datasets` (the project's data layer) into a sibling temp dir
   that replaces `out_dir` only when complete (`pipeline.io.atomic_dir`).
 """
@@ -40,19 +36,10 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.config.data import (
-    CORRUPTIONS,
-    PRETRAIN_MIX,
-    SOURCE_FILES,
-    SPLIT_KINDS,
-    DataConfig,
-    Mixture,
-    SourceConfig,
-    allocate,
-    file_builder,
-    mixture_counts,
-)
-from pipeline.data.hub import describe, load_rows
+from pipeline.config.data import CORRUPTIONS, PRETRAIN_MIX, DataConfig
+from pipeline.config.sources import SourceConfig, allocate
+from pipeline.data.hub import check_sources, describe, load_rows
+from pipeline.data.mixture import draw_mixtures, generator_sizes, mixture_metrics
 from pipeline.data.splits import EVAL_SPLITS, SPLIT_FILES, TRAIN_SPLITS
 from pipeline.data.tasks import (
     Problem,
@@ -275,30 +262,30 @@ def generate(cfg: DataConfig, tick: Callable[[int], None] = lambda n: None,
 
 
 def audit_leakage(splits: dict[str, list[dict]], train_keys: set[str], eval_fraction: float,
-                  external: frozenset[str] = frozenset(), external_keys: frozenset[str] = frozenset()) -> int:
+                  external_keys: frozenset[str] = frozenset()) -> int:
     """Count keys on the wrong side of the partition, or shared between training and eval.
 
-    Rows of splits named in `external`, and rows whose key is in `external_keys` (read from the Hub or files,
-    e.g. one source of a mixture), have no partition: for them only shared keys count, and training rows
-    whose prompt (any user turn, whitespace and case aside) is an eval prompt with another key."""
-    def hub(name: str, row: dict) -> bool:
-        return name in external or row["key"] in external_keys
+    Rows whose key is in `external_keys` (read from the Hub or files: a whole split, or one source of a mixture)
+    have no partition: for them only shared keys count, and training rows whose prompt (any user turn,
+    whitespace and case aside) is an eval prompt with another key."""
+    def hub(row: dict) -> bool:
+        return row["key"] in external_keys
 
     def keys(names: tuple[str, ...], from_hub: bool) -> set[str]:
-        return {r["key"] for name in names for r in splits[name] if hub(name, r) == from_hub}
+        return {r["key"] for name in names for r in splits[name] if hub(r) == from_hub}
 
     train, held = train_keys | keys(TRAIN_SPLITS, False), keys(EVAL_SPLITS, False)
     wrong_side = sum(problem_key_in_eval(k, eval_fraction) for k in train)
     wrong_side += sum(not problem_key_in_eval(k, eval_fraction) for k in held)
     shared = (train | keys(TRAIN_SPLITS, True)) & (held | keys(EVAL_SPLITS, True))
-    if not external and not external_keys:  # generated rows only: their keys say it all
+    if not external_keys:  # generated rows only: their keys say it all
         return wrong_side + len(shared)
     asked: dict[bool, set[str]] = {True: set(), False: set()}  # eval prompts, by whether read from the hub
     for name in EVAL_SPLITS:
         for r in splits[name]:
-            asked[hub(name, r)].update(_prompts(r))
+            asked[hub(r)].update(_prompts(r))
     copied = {r["key"] for name in TRAIN_SPLITS for r in splits[name] if r["key"] not in shared
-              and not asked[True].union(asked[False] if hub(name, r) else ()).isdisjoint(_prompts(r))}
+              and not asked[True].union(asked[False] if hub(r) else ()).isdisjoint(_prompts(r))}
     return wrong_side + len(shared) + len(copied)
 
 
@@ -321,69 +308,34 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.utils.logging.enable_progress_bar()
 
 
-def check_sources(cfg: DataConfig) -> None:
-    """Every local file `data.sources` names exists (FileNotFoundError naming the field), before any work."""
-    for split in SPLIT_KINDS:
-        for where, source in cfg.sources.entries(split):
-            if source.source == "files":
-                file_builder(source.data_files, f"data.sources.{split}{where}", SOURCE_FILES)
-
-
-def _draw(config: DataConfig, split: str, entries: Mixture, made: list[dict],
-          read: Callable[[str, SourceConfig], tuple[list[dict], dict[str, int]]]) -> tuple[list[dict], list[dict]]:
-    """A mixture split's rows (`made`: what the generator made for it) and, per entry, its config and counts."""
-    seed = EVAL_SEED if split in EVAL_SPLITS else config.seed  # eval: the same questions for every training seed
-    rows: list[dict] = []
-    report: list[dict] = []
-    for i, (entry, n) in enumerate(zip(entries, mixture_counts(entries, getattr(config.sizes, split)))):
-        counts: dict[str, int] = {}
-        part = made
-        if entry.source != "generated":
-            pool, counts = read(f"{split}[{i}]", entry)
-            if len(pool) < n:
-                raise ValueError(f"data.sources.{split}[{i}] ({entry.adapter}: {describe(entry)}) has {len(pool)} "
-                                 f"usable rows, fewer than the {n} the mixture draws from it: lower its weight or "
-                                 "rows, or raise its max_rows")
-            part = random.Random(f"{split}[{i}]:{seed}").sample(pool, n)
-        rows += part
-        report.append({**entry.model_dump(), **counts, "drawn": len(part)})
-    random.Random(f"{split}:mixture:{seed}").shuffle(rows)
-    return rows, report
-
-
 def prepare(cfg: DataConfig | dict, out_dir: Path, progress: bool = True) -> dict[str, float | int]:
     """Write all splits and manifest.json into `out_dir`, return flat metrics (a mapping is checked first)."""
     config = cfg if isinstance(cfg, DataConfig) else DataConfig.parse(cfg)
     check_sources(config)
     sources: dict[str, SourceConfig] = config.sources.external()
-    mixtures = config.sources.mixtures()
-    made = {split: next((n for e, n in zip(entries, mixture_counts(entries, getattr(config.sizes, split)))
-                         if e.source == "generated"), 0) for split, entries in mixtures.items()}
-    sizes = config.sizes.model_copy(update={split: n for split, n in made.items() if n})  # the generator's share
-    skip = frozenset(sources) | {split for split, n in made.items() if not n}
+    sizes, unmade = generator_sizes(config)  # a mixture split's size is its generated entry's share
+    skip = frozenset(sources) | unmade
     out_dir = Path(out_dir)
     bar = Progress(TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), disable=not progress)
     task = bar.add_task("generating", total=sum(n for s, n in sizes.model_dump().items() if s not in skip))
     with bar:
-        generated, train_keys = generate(config.model_copy(update={"sizes": sizes}) if mixtures else config,
+        generated, train_keys = generate(config.model_copy(update={"sizes": sizes}),
                                          lambda n: bar.advance(task, n), skip)
         counts: dict[str, dict[str, int]] = {}
         external_keys: set[str] = set()
 
-        def read(split: str, source: SourceConfig) -> tuple[list[dict], dict[str, int]]:
-            bar.update(task, description=f"reading {split} from {describe(source)}")
-            rows, dropped = load_rows(split, source)
+        def read(split: str, where: str, source: SourceConfig) -> tuple[list[dict], dict[str, int]]:
+            bar.update(task, description=f"reading {where} from {describe(source)}")
+            rows, dropped = load_rows(split, source, where)
             external_keys.update(r["key"] for r in rows)
             return rows, dropped
 
         for split, source in sources.items():
-            generated[split], counts[split] = read(split, source)
-        mixed = {}
-        for split, entries in mixtures.items():
-            generated[split], mixed[split] = _draw(config, split, entries, generated.get(split, []), read)
+            generated[split], counts[split] = read(split, f"data.sources.{split}", source)
+        mixed = draw_mixtures(config, generated, read, EVAL_SEED)
         splits = {name: generated[name] for name in SPLIT_FILES}
-        leaked = audit_leakage(splits, train_keys, config.eval_fraction, frozenset(sources), frozenset(external_keys))
+        leaked = audit_leakage(splits, train_keys, config.eval_fraction, frozenset(external_keys))
         if leaked:
             raise RuntimeError(f"leakage audit found {leaked} eval-partition keys (or eval prompts) in training data; "
                                "refusing to write")
@@ -394,11 +346,12 @@ def prepare(cfg: DataConfig | dict, out_dir: Path, progress: bool = True) -> dic
             for split, rows in splits.items():
                 datasets.Dataset.from_list(rows).to_json(tmp / SPLIT_FILES[split], lines=True, force_ascii=False)
             manifest = _manifest(config, splits, {f: file_sha256(tmp / f) for f in SPLIT_FILES.values()})
-            if sources or mixed:  # only then: an all-generated config keeps the manifest it always had
-                manifest["sources"] = {s: {**sources[s].model_dump(), **counts[s]} if s in sources else mixed[s]
-                                       for s in SPLIT_KINDS if s in sources or s in mixed}
+            if sources:  # only then: an all-generated config keeps the manifest it always had
+                manifest["sources"] = {s: {**sources[s].model_dump(), **counts[s]} for s in sources}
+            if mixed:
+                manifest["mixtures"] = mixed
             (tmp / MANIFEST.name).write_text(json.dumps(manifest, indent=2) + "\n")
-    return _metrics(config, splits, leaked) | _source_metrics(sources, counts) | _mixture_metrics(mixed)
+    return _metrics(config, splits, leaked) | _source_metrics(sources, counts) | mixture_metrics(mixed)
 
 
 def _manifest(config: DataConfig, splits: dict[str, list[dict]], hashes: dict[str, str]) -> dict[str, Any]:
@@ -444,11 +397,3 @@ def _metrics(config: DataConfig, splits: dict[str, list[dict]], leaked: int) -> 
 def _source_metrics(sources: dict[str, SourceConfig], counts: dict[str, dict[str, int]]) -> dict[str, int]:
     """Per hub-sourced split: rows skipped by its adapter and rows over `max_chars`."""
     return {f"{split}_{what}": counts[split][what] for split in sources for what in ("skipped", "too_long")}
-
-
-def _mixture_metrics(mixed: dict[str, list[dict]]) -> dict[str, int]:
-    """Per mixture split and entry i: `<split>_source<i>_rows` drawn, and for a hub or file entry the rows its
-    adapter skipped and those over `max_chars`."""
-    return {f"{split}_source{i}_{what}": entry[key] for split, entries in mixed.items()
-            for i, entry in enumerate(entries)
-            for what, key in (("rows", "drawn"), ("skipped", "skipped"), ("too_long", "too_long")) if key in entry}

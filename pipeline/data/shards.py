@@ -1,7 +1,7 @@
 """Pretraining text → flat token shards on disk (`data/tokens`), and the memmap reader over them.
 
 Holds `open_corpus` (the `pretrain` and `pretrain_val` document streams `data.corpus`, the validated
-`pipeline.config.data.CorpusConfig`, names), `write_tokens` (tokenize them into shards, atomically) and
+`pipeline.config.sources.CorpusConfig`, names), `write_tokens` (tokenize them into shards, atomically) and
 `TokenShards` (read one split back as one flat stream).
 
 Design choices:
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.config.data import CORPUS_FILES, CorpusConfig, file_builder
+from pipeline.config.sources import CORPUS_FILES, CorpusConfig, file_builder
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.io import atomic_dir
 from pipeline.logs import interactive

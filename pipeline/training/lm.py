@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pipeline import paths
 from pipeline.config.training import OptimConfig
 from pipeline.data.datamodules import ChatData, PretrainData
+from pipeline.data.packing import padding_share
 from pipeline.data.tokenizer import IGNORE_INDEX, load_tokenizer
 from pipeline.io import write_json
 from pipeline.model import lora
@@ -52,6 +53,8 @@ class LanguageModeling(Objective):
         loss = self.step_loss(batch)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
         self.log_throughput((batch["labels"] != IGNORE_INDEX).sum(), batch_idx)
+        if "attention_mask" in batch:  # chat batches (pretraining rows hold no padding)
+            self.log("train/padding", padding_share(batch))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -127,7 +130,8 @@ def finetune(cfg: Config, spec: StageSpec, steps: int, optim: OptimConfig | None
                                  val_batches=s.val_batches, grad_clip=s.grad_clip)
     metrics = {"val_loss": final["val/loss"], "val_ppl": math.exp(final["val/loss"]),
                "train_loss": curves.train[-1]["train/loss"], "first_train_loss": curves.train[0]["train/loss"],
-               "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec"), **curves.totals}
+               "tokens_per_sec": mean_of(curves.train, "train/tokens_per_sec"),
+               "padding": mean_of(curves.train, "train/padding"), **curves.totals}
     if adapters:  # only then: the meta and metrics of full finetuning stay as they were
         metrics.update(lora.param_counts(module.model))
         meta.update(lora.adapter_meta(cfg.peft, module.model))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pipeline import paths
 from pipeline.config.training import OnPolicyConfig, OptimConfig
 from pipeline.data.datamodules import PreferenceData
+from pipeline.data.packing import padding_share, sequence_tokens
 from pipeline.data.splits import load_split
 from pipeline.data.tasks import check
 from pipeline.data.tokenizer import ChatTokenizer, load_tokenizer
@@ -36,6 +37,7 @@ from pipeline.model.gpt import GPT
 from pipeline.model.handoff import checkpoint_meta, load_gpt, save_checkpoint
 from pipeline.model.heads import ScalarHead
 from pipeline.model.logprobs import packed_keys
+from pipeline.training.curves import mean_of
 from pipeline.training.objective import Objective
 from pipeline.training.parallel import gather_shares, shares, trained_module
 from pipeline.training.trainer import fit
@@ -67,7 +69,8 @@ class RewardModeling(Objective):
         stats = self._stats(batch)
         for k, v in stats.items():  # every rank's batch holds as many pairs: the mean over ranks is the batch's
             self.log(f"train/{k}", v, prog_bar=k in ("loss", "accuracy"), sync_dist=True)
-        self.log_throughput(batch["input_ids"].numel(), batch_idx)
+        self.log_throughput(sequence_tokens(batch), batch_idx)  # real tokens, padded or packed alike
+        self.log("train/padding", padding_share(batch))
         return stats["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -140,7 +143,7 @@ def accuracy_by_corruption(model: ScalarHead, data: PreferenceData) -> dict[str,
     for i in progress(range(0, len(data.val_set), 128), "scoring held-out pairs", transient=True):
         batch = data.collate(data.val_set[i:i + 128])
         batch = {k: v.to(model.head.weight.device) for k, v in batch.items()}
-        r = model(batch["input_ids"], batch["last"], response_mask=batch["response_mask"])
+        r = model(batch["input_ids"], batch["last"], response_mask=batch["response_mask"], **packed_keys(batch))
         n = r.size(0) // 2
         for row, win in zip(data.val_rows[i:i + 128], (r[:n] > r[n:]).tolist()):
             hits[row["corruption"]].append(win)
@@ -185,7 +188,7 @@ def train_reward_model(cfg: Config, spec: StageSpec) -> dict:
     metrics = {"margin": final["val/margin"],
                "mean_reward": final["val/mean_reward"], "val_loss": final["val/loss"],
                "train_loss": curves.train[-1]["train/loss"], "held_out_pairs": len(data.val_rows),
-               "on_policy_pairs": len(data.extra_rows),
+               "on_policy_pairs": len(data.extra_rows), "padding": mean_of(curves.train, "train/padding"),
                "lm_scale": model.lm_scale.item() if model.likelihood_term else 0.0,
                **held_out, **curves.totals}
     trained = {}
