@@ -1,6 +1,6 @@
 """Training throughput with and without packing, side by side in one process, on three workloads.
 
-    python -m benchmarks.packing [--rounds 3] [--steps 10] [--warmup 2] [--batch 64] [--quick] [--workspace DIR]
+    python -m benchmarks.packing [--rounds 5] [--steps 20] [--warmup 2] [--batch 64] [--quick] [--workspace DIR]
 
 Every side trains a fresh copy of the workspace's model shape (params.yaml: `model`, seeded, fp32, one thread) with
 a plain loop (forward, loss, backward, AdamW), on batches laid out the way the stages' datamodules lay them out:
@@ -15,11 +15,14 @@ a plain loop (forward, loss, backward, AdamW), on batches laid out the way the s
              `reward.likelihood_term` says, pairwise loss) at reward.batch_size pairs, padded or packed
              (`PreferenceData(packing=True)`: chosen and rejected sequences packed, pairing kept). DPO and its
              variants lay out their batches the same way, with the policy and reference forwards instead.
-Both sides of a workload see exactly the same examples (the padded side's batches decide which), so trained tokens
-(sft: the answer tokens the loss reads; reward: every real token) are equal and the ratio of trained tokens/s
-is the ratio of step times. Reported per side: trained tokens/s and the padding fraction (padding positions ÷ all
-positions computed). Rounds alternate the sides; medians are compared. The last line is JSON with
-`<workload>_ratio` = packed ÷ padded trained tokens/s, and the padding-only bound 1 / (1 - padded padding) beside it.
+SFT has a third side, shuffled_padded: the packed side's own shuffled batches, padded (what packing saves on the
+batches it trains on; the length-grouped sampler exists to avoid that padding). All sides of a workload see
+exactly the same examples (the padded side's batches decide which), so trained tokens (sft: the answer tokens
+the loss reads; reward: every real token) are equal and the ratio of trained tokens/s is the ratio of times.
+Reported per side: trained tokens/s and the padding fraction (padding positions ÷ all positions computed).
+Rounds alternate the sides; medians are compared. The last line is JSON with
+`<workload>_ratio` = packed ÷ padded trained tokens/s with the padding-only bound 1 / (1 - padded padding) beside
+it, and for SFT `sft_ratio_vs_shuffled_padded` likewise.
 """
 from __future__ import annotations
 
@@ -91,25 +94,30 @@ def timed(model_fn: Callable[[], torch.nn.Module], step: Callable[[torch.nn.Modu
     return {"tokens_s": tokens / took, "padding": 1 - real / positions, "trained": tokens}
 
 
-def sft_batches(data: ChatData, n: int, batch: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """The first `n` batches of the length-grouped sampler, padded; the same conversations shuffled and packed."""
+def sft_batches(data: ChatData, n: int, batch: int, seed: int) -> dict[str, list[dict]]:
+    """padded: the first `n` batches of the length-grouped sampler, padded; packed: the same conversations shuffled
+    into batches and packed; shuffled_padded: those shuffled batches padded."""
     sampler = LengthGroupedSampler([len(ids) for ids, _ in data.train_set], batch, seed)
     chosen = list(itertools.islice(sampler.global_batches(), n))
-    data.packing = False
-    padded = [data.collate([data.train_set[i] for i in b]) for b in chosen]
     flat = [i for b in chosen for i in b]
     random.Random(seed).shuffle(flat)
-    data.packing = True
-    packed = [data.collate([data.train_set[i] for i in flat[k:k + batch]]) for k in range(0, len(flat), batch)]
-    return padded, packed
+    shuffled = [flat[k:k + batch] for k in range(0, len(flat), batch)]
+    sides = {}
+    for side, batches, packing in (("padded", chosen, False), ("packed", shuffled, True),
+                                   ("shuffled_padded", shuffled, False)):
+        data.packing = packing
+        sides[side] = [data.collate([data.train_set[i] for i in b]) for b in batches]
+    return sides
 
 
-def preference_batches(data: PreferenceData, n: int, batch: int) -> tuple[list[dict], list[dict]]:
+def preference_batches(data: PreferenceData, n: int, batch: int) -> dict[str, list[dict]]:
+    """The first `n` batches of pairs, padded and packed (the reward stage shuffles its pairs either way)."""
     pairs = [data.train_set[k:k + batch] for k in range(0, n * batch, batch)]
-    data.packing = False
-    padded = [data.collate(p) for p in pairs]
-    data.packing = True
-    return padded, [data.collate(p) for p in pairs]
+    sides = {}
+    for side, packing in (("padded", False), ("packed", True)):
+        data.packing = packing
+        sides[side] = [data.collate(p) for p in pairs]
+    return sides
 
 
 def wide_chat(cfg: Config, tok: ChatTokenizer, block_size: int, batch: int, seed: int, rows: int) -> ChatData:
@@ -125,8 +133,8 @@ def wide_chat(cfg: Config, tok: ChatTokenizer, block_size: int, batch: int, seed
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed side")
     p.add_argument("--batch", type=int, default=64, help="SFT conversations per batch (the sft stage's)")
     p.add_argument("--quick", action="store_true", help="1 round of 3 steps")
@@ -161,27 +169,32 @@ def main() -> None:
 
     out: dict = {"batch": args.batch, "pairs_per_batch": pairs_per_batch, "block_size": shape.block_size,
                  "steps": args.steps, "rounds": args.rounds, "threads": torch.get_num_threads()}
-    for name, (step, trained, (padded, packed)) in workloads.items():
+    for name, (step, trained, sides) in workloads.items():
         def fresh(make=models[name]) -> torch.nn.Module:
             torch.manual_seed(0)
             return make()
 
-        runs: dict[str, list[dict]] = {"padded": [], "packed": []}
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
         for _ in range(args.rounds):
-            runs["padded"].append(timed(fresh, step, padded, args.warmup, trained, tok.pad_id))
-            runs["packed"].append(timed(fresh, step, packed, args.warmup, trained, tok.pad_id))
-        if runs["padded"][0]["trained"] != runs["packed"][0]["trained"]:
+            for side, batches in sides.items():
+                runs[side].append(timed(fresh, step, batches, args.warmup, trained, tok.pad_id))
+        if len({rs[0]["trained"] for rs in runs.values()}) != 1:
             raise AssertionError(f"{name}: the sides trained on different tokens")
         for side, rs in runs.items():
             out[f"{name}_{side}_tokens_s"] = round(statistics.median(r["tokens_s"] for r in rs), 1)
             out[f"{name}_{side}_padding"] = round(statistics.median(r["padding"] for r in rs), 4)
-        out[f"{name}_packed_rows"] = round(statistics.mean(b["input_ids"].size(0) for b in packed), 1)
-        out[f"{name}_ratio"] = round(out[f"{name}_packed_tokens_s"] / out[f"{name}_padded_tokens_s"], 2)
-        out[f"{name}_padding_bound"] = round(1 / (1 - out[f"{name}_padded_padding"]), 2)
-        print(f"{name:10s}: padded {out[f'{name}_padded_tokens_s']:8.1f} trained tokens/s, padding "
-              f"{out[f'{name}_padded_padding']:.1%} | packed {out[f'{name}_packed_tokens_s']:8.1f}, padding "
-              f"{out[f'{name}_packed_padding']:.1%} | {out[f'{name}_ratio']:.2f}x (padding alone bounds it at "
-              f"{out[f'{name}_padding_bound']:.2f}x)")
+        out[f"{name}_packed_rows"] = round(statistics.mean(b["input_ids"].size(0) for b in sides["packed"]), 1)
+        line = f"{name:10s}:"
+        for side in sides:
+            tokens_s, padding = out[f"{name}_{side}_tokens_s"], out[f"{name}_{side}_padding"]
+            line += f" {side} {tokens_s:7.1f} tok/s, padding {padding:.1%} |"
+            if side == "packed":
+                continue
+            suffix = "" if side == "padded" else f"_vs_{side}"
+            out[f"{name}_ratio{suffix}"] = round(out[f"{name}_packed_tokens_s"] / out[f"{name}_{side}_tokens_s"], 2)
+            out[f"{name}_padding_bound{suffix}"] = round(1 / (1 - out[f"{name}_{side}_padding"]), 2)
+        print(line, f"packed / padded {out[f'{name}_ratio']:.2f}x (padding alone bounds it at "
+                    f"{out[f'{name}_padding_bound']:.2f}x)")
     print(json.dumps(out))
 
 

@@ -118,8 +118,8 @@ def render(cfg: Config, stages: dict[str, dict], run: dict, figure_names: list[s
         "DVC found up to date keeps the run that last produced it). Checkpoints, W&B runs (their group) and "
         "W&B artifacts carry the same id.", "",
         "`tokens`: the tokens of every training batch, as each objective counts them for its throughput "
-        "(pretraining every position, SFT the answer tokens its loss is on, reward model and DPO every "
-        "position of the pair batches, PPO and GRPO the prompt and sampled tokens of each rollout); "
+        "(pretraining every position, SFT the answer tokens its loss is on, reward model and DPO the real "
+        "tokens of the pair batches, padding not counted, PPO and GRPO the prompt and sampled tokens of each rollout); "
         "`tokens/s` divides them by the stage's whole wall time (loading and saving included).", "",
         *iteration_lines(stages.get(ALIGN, {})),
     ]
