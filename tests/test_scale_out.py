@@ -23,8 +23,9 @@ from conftest import REPO, run_until_checkpoint, venv_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # 2 gloo ranks per run: one such test at a time
 
-# measured, or counted with each rank's own padding (`tokens`: the padded batches' size)
-NOT_COMPARED = {"wall_time_s", "run_id", "device", "tokens_per_sec", "tokens", "generation_s_per_iteration",
+# measured, or a property of each rank's own layout (`padding`: a rank packs its half of the batch, with a last
+# row of its own); `tokens` counts real tokens, so two ranks count what one does
+NOT_COMPARED = {"wall_time_s", "run_id", "device", "tokens_per_sec", "padding", "generation_s_per_iteration",
                 "training_s_per_iteration", "generation_share", "eval_s", "eval_share"}
 # on-policy pairs sampled 8 draws at a time: several sampling batches, so two ranks share them
 COMMON = ("experiment=micro", "trainer.progress_bar=false", "reward.on_policy.batch_size=8")

@@ -120,7 +120,7 @@ class PreferenceObjective(Objective):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.log_throughput(sequence_tokens(batch), batch_idx)  # real tokens, padded or packed alike
-        self.log("train/padding", padding_share(batch))
+        self.log("train/padding", padding_share(batch), sync_dist=True)  # the mean over ranks
         out = self.stats(batch)
         pairs = out["loss"].size(0)
         loss = out["loss"].mean()

@@ -54,7 +54,7 @@ class LanguageModeling(Objective):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
         self.log_throughput((batch["labels"] != IGNORE_INDEX).sum(), batch_idx)
         if "attention_mask" in batch:  # chat batches (pretraining rows hold no padding)
-            self.log("train/padding", padding_share(batch))
+            self.log("train/padding", padding_share(batch), sync_dist=True)  # the mean over ranks
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -70,7 +70,7 @@ class RewardModeling(Objective):
         for k, v in stats.items():  # every rank's batch holds as many pairs: the mean over ranks is the batch's
             self.log(f"train/{k}", v, prog_bar=k in ("loss", "accuracy"), sync_dist=True)
         self.log_throughput(sequence_tokens(batch), batch_idx)  # real tokens, padded or packed alike
-        self.log("train/padding", padding_share(batch))
+        self.log("train/padding", padding_share(batch), sync_dist=True)  # the mean over ranks
         return stats["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
