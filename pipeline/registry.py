@@ -157,6 +157,11 @@ class StageSpec:
         live = paths.live_dir(self.name)
         return (live / "metrics.json", live / "plots" / "metrics") if self.trains else None
 
+    def replaced(self) -> list[Path]:
+        """What it writes as whole directories, replaced at once (pipeline.io.atomic_dir): checkpoints and the
+        cached outs."""
+        return [*(c.path for c in self.writes), *(Path(o.path) for o in self.outs if o.cache)]
+
     def made(self) -> list[Path]:
         """Everything it writes: checkpoints, outs, metrics (its own and DVCLive's), DVCLive's plots and plots."""
         return [*(c.path for c in self.writes), *(Path(o.path) for o in self.outs), self.metrics_file,

@@ -61,8 +61,9 @@ def test_throughput_and_mfu_are_logged_against_the_configured_peak(workspace):
 
 
 def pipeline_cmd(cwd: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=venv_env(OMP_NUM_THREADS="1", WANDB_MODE="offline"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *overrides, "hydra.run.dir=."], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=venv_env(OMP_NUM_THREADS="1", WANDB_MODE="offline"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -96,7 +97,7 @@ def test_two_processes_match_one_with_the_same_global_batch(workspace, launch):
     if launch == "torchrun_2_nodes":
         torchrun_two_nodes(workspace, *common, "trainer=multi_node", "trainer.accelerator=cpu",
                            "trainer.precision=32-true", "trainer.compile=false", "trainer.matmul_precision=null",
-                           "trainer.num_nodes=2", "trainer.devices=1", "strategy=ddp", "hydra.run.dir=outputs/torchrun")
+                           "trainer.num_nodes=2", "trainer.devices=1", "strategy=ddp", "hydra.run.dir=.")
     else:
         pipeline_cmd(workspace, *common, f"strategy={launch}", "trainer.devices=2")
     multi = json.loads((workspace / "metrics" / "pretrain.json").read_text())

@@ -133,7 +133,7 @@ def test_two_processes_write_the_table_one_process_writes(micro_chain, tmp_path,
     monkeypatch.chdir(work)
     one = run_stage("evaluate", compose_micro(*SMALL))
     proc = subprocess.run([sys.executable, "-m", "pipeline", "experiment=micro", "stage=evaluate", "trainer.devices=2",
-                           *SMALL], cwd=work, capture_output=True, text=True, timeout=240,
+                           *SMALL, "hydra.run.dir=."], cwd=work, capture_output=True, text=True, timeout=240,
                           env=venv_env(OMP_NUM_THREADS="1", WANDB_MODE="offline"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     logs = sorted(p for p in (work / "outputs" / "logs" / "evaluate").glob("*.log") if "-rank" not in p.name)

@@ -53,8 +53,8 @@ def test_wandb_dvclive_and_csv_together_write_all_three(seeded):
         old.rename(old.with_name("old-" + old.name))
     env = {k: v for k, v in venv_env(WANDB_MODE="offline", OMP_NUM_THREADS="1").items() if k != "DVC_ROOT"}
     proc = subprocess.run([sys.executable, "-m", "pipeline", "stage=sft", "experiment=micro",
-                           "trainer.progress_bar=false", "logger=[wandb,dvclive,csv]"], cwd=seeded, env=env,
-                          capture_output=True, text=True, timeout=300)
+                           "trainer.progress_bar=false", "logger=[wandb,dvclive,csv]", "hydra.run.dir=."],
+                          cwd=seeded, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((seeded / "metrics" / "sft.json").read_text())
     assert list((seeded / "outputs" / "csv" / "sft").glob("version_*/metrics.csv"))

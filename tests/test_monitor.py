@@ -202,7 +202,8 @@ def test_completions_reach_a_wandb_table(chain_copy):
     from wandb_records import run_info
     env = {k: v for k, v in venv_env(WANDB_MODE="offline", OMP_NUM_THREADS="1").items() if k != "DVC_ROOT"}
     proc = subprocess.run([sys.executable, "-m", "pipeline", "stage=align", "experiment=micro", "align=grpo",
-                           "trainer.progress_bar=false", "logger=[wandb,dvclive]", "align.eval_completions=3"],
+                           "trainer.progress_bar=false", "logger=[wandb,dvclive]", "align.eval_completions=3",
+                           "hydra.run.dir=."],
                           cwd=chain_copy, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (chain_copy / "wandb").glob("offline-run-*")

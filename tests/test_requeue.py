@@ -83,7 +83,7 @@ def test_the_slurm_requeue_signal_checkpoints_requeues_and_the_rerun_resumes(tmp
     shutil.copytree(work, reference)
 
     env, log = slurm_env(tmp_path), tmp_path / "requeued.log"
-    cmd = [sys.executable, "-m", "pipeline", *RUN]
+    cmd = [sys.executable, "-m", "pipeline", *RUN, "hydra.run.dir=."]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     sent = threading.Thread(target=signal_after_first_checkpoint, args=(proc, work), daemon=True)

@@ -32,8 +32,9 @@ COMMON = ("experiment=micro", "trainer.progress_bar=false", "reward.on_policy.ba
 
 
 def pipeline_cmd(cwd: Path, *overrides: str, timeout: int = 300) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *COMMON, *overrides], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=venv_env(OMP_NUM_THREADS="1", WANDB_MODE="offline"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *COMMON, *overrides, "hydra.run.dir=."], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=venv_env(OMP_NUM_THREADS="1", WANDB_MODE="offline"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -129,7 +130,7 @@ def test_two_rank_grpo_killed_after_a_checkpoint_resumes_to_the_uninterrupted_re
     assert 0 < metrics["generation_share"] < 1
     shutil.rmtree(workspace / "outputs" / "resume", ignore_errors=True)
     (workspace / "metrics" / "align.json").unlink()
-    cmd = [sys.executable, "-m", "pipeline", *COMMON, *run]
+    cmd = [sys.executable, "-m", "pipeline", *COMMON, *run, "hydra.run.dir=."]
     step = run_until_checkpoint(cmd, workspace, venv_env(OMP_NUM_THREADS="1", WANDB_MODE="offline"), "align", 2,
                                 tmp_path / "killed.log")
     assert step < 4 and not (workspace / "metrics" / "align.json").exists()

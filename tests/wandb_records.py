@@ -47,8 +47,9 @@ def read_records(path: str | Path) -> list[pb.Record]:
 
 def run_info(run_dir: str | Path) -> dict:
     """group, job_type, run id, tags, config, summary, history keys and the last logged value of each key,
-    and the artifacts logged (`made`) and used (`used`: logged with use_after_commit, see
-    pipeline/harness/tracking.py), each {name, type, digest, aliases, metadata}, of one offline run directory."""
+    the exit code the run was finished with (`exit_code`), and the artifacts logged (`made`) and used (`used`:
+    logged with use_after_commit, see pipeline/harness/tracking.py), each {name, type, digest, aliases, metadata},
+    of one offline run directory."""
     (path,) = Path(run_dir).glob("run-*.wandb")
     info: dict = {"history_keys": set(), "config": {}, "last": {}, "summary": {}, "made": [], "used": []}
     for rec in read_records(path):
@@ -68,6 +69,8 @@ def run_info(run_dir: str | Path) -> dict:
                 {"name": a.name, "type": a.type, "digest": a.digest, "aliases": list(a.aliases),
                  "metadata": json.loads(a.metadata) if a.metadata else {},
                  "files": {entry.path: entry.digest for entry in a.manifest.contents}})
+        elif kind == "exit":
+            info["exit_code"] = rec.exit.exit_code
         elif kind == "history":
             for item in rec.history.item:
                 key = item.key or "/".join(item.nested_key)

@@ -14,6 +14,7 @@ checked by pipeline.training.loggers before a training stage starts, where Light
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_serializer, model_validator
@@ -39,6 +40,17 @@ class Instantiable(Schema):
     def _dump(self, handler) -> dict[str, Any]:  # written back as Hydra reads it: `_target_` first
         data = handler(self)
         return {"_target_": data.pop("target"), **data}
+
+    @model_validator(mode="after")
+    def _misspelt(self):
+        """An argument that is one letter off a setting this entry declares is that setting, misspelt (the target's
+        own arguments are checked where the target is built)."""
+        declared = [info.alias or name for name, info in type(self).model_fields.items()]
+        for key in self.model_extra or {}:
+            near = difflib.get_close_matches(key, declared, n=1, cutoff=0.8)
+            if near:
+                raise ValueError(f"@.{key} is not a setting of @: did you mean @.{near[0]}?")
+        return self
 
     def arguments(self) -> dict[str, Any]:
         """The keyword arguments: every key but `_target_`, less the pipeline's own (see `OWN`)."""

@@ -12,8 +12,9 @@ its method; the stages that align (and the control that matches them) check the 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from annotated_types import Ge, Le
 from pydantic import ConfigDict, model_validator
 
 from pipeline.config.align import MIN_PROMPT
@@ -54,8 +55,8 @@ class Config(Schema):
 
     stage: str | None = None
     """Which stage `python -m pipeline` runs (prepare ... report, or all); unused under dvc repro."""
-    seed: int
-    """The global seed: model init, data order and sampling."""
+    seed: Annotated[int, Ge(0), Le(2**32 - 1)]
+    """The global seed: model init, data order and sampling (an unsigned 32-bit integer, as NumPy's seeds are)."""
     run: RunConfig = RunConfig()
     resume: ResumeConfig = ResumeConfig()
     tokenizer: TokenizerConfig

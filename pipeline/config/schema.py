@@ -4,8 +4,8 @@ Each group of conf/ has a schema in this package (`model`, `data`, `training`, `
 alignment method's own fields in its module); `pipeline.config.root.Config` assembles them. A schema is a
 pydantic model: each field's type, default, bounds and docstring sit together, and checks across fields sit
 in a validator beside them.
-`Schema` refuses unknown keys, does not coerce types (a string is not a number, a float not an integer)
-and is frozen: a stage cannot change the config it was given.
+`Schema` refuses unknown keys and empty strings, does not coerce types (a string is not a number, a float
+not an integer) and is frozen: a stage cannot change the config it was given.
 
 Why pydantic rather than OmegaConf structured configs: Hydra's structured configs must be registered in
 a ConfigStore at composition time, which DVC's own composition of conf/ (`dvc exp run -S`) never does;
@@ -13,7 +13,8 @@ they offer no Literal or bounded types, and no unions of groups (the strategies,
 pydantic is already installed with W&B.
 
 `ConfigError` turns pydantic's errors into one line per problem that names the field (`sft.max_steps`),
-the value and the fix: for an unknown key the nearest valid one, for a choice the choices. Validators
+the value and the fix: for an unknown key the nearest valid one, for a choice the choices, and for a value
+a valid example (`e.g. sft.max_steps=1500`: the field's default, or a value its type and bounds allow). Validators
 write `@` for the path of the model they check (`@.min must not exceed @.max`), so a schema used in
 several places (every `optim`) names the right one.
 """
@@ -41,7 +42,8 @@ class ConfigError(ValueError):
 class Schema(BaseModel):
     """Base of the config schemas: unknown keys refused, no type coercion, frozen, documented fields."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True,
+                              str_min_length=1)  # an empty string is never a setting: null is "none"
     where: ClassVar[str] = ""
     """The config path this schema is usually found at, for messages when parsed alone (e.g. "data")."""
 
@@ -86,8 +88,14 @@ def _choices(annotation: Any) -> list[Any]:
     return [v for m in _members(annotation) if typing.get_origin(m) is Literal for v in typing.get_args(m)]
 
 
+def _optional(info: FieldInfo | None) -> bool:
+    return info is not None and type(None) in typing.get_args(info.annotation)
+
+
 def _either(values: list[Any]) -> str:
     names = [str(v) for v in values]
+    if len(names) == 1:
+        return names[0]
     return f"{names[0]} or {names[1]}" if len(names) == 2 else f"one of {', '.join(names)}"
 
 
@@ -125,20 +133,27 @@ class _Place:
         self.parts = [where] if where else []
         self.owner: type[BaseModel] | None = None  # the model the last part belongs to (or should)
         self.info: FieldInfo | None = None
+        self.union = False  # the error is one alternative's of a union of plain types (`int | "auto" | list`)
         models: list[type[BaseModel]] = [cls]
         tags: dict[str, type[BaseModel]] = {}
+        plain_union = False
         for part in loc:
             if isinstance(part, str) and part in tags:  # the tag pydantic puts after a discriminated union
                 models, tags = [tags[part]], {}
                 continue
-            owner = next((m for m in models if isinstance(part, str) and part in m.model_fields), None)
+            if plain_union:  # pydantic names the alternative it tried (`constrained-int`): the field is the culprit
+                self.union = True
+                break
+            owner, name = next(((m, n) for m in models for n, f in m.model_fields.items()
+                                if isinstance(part, str) and part in (n, f.alias)), (None, None))
             self.parts.append(str(part) if isinstance(part, str) else f"[{part}]")
             if owner is None:  # a key the schema lacks, or a dict entry / list index
-                self.owner = models[0] if models else None
+                self.owner, self.info = (models[0] if models else None), None
                 models, tags = [], {}
                 continue
-            self.owner, self.info = owner, owner.model_fields[part]
+            self.owner, self.info = owner, owner.model_fields[name]
             models, tags = _models(self.info.annotation), _tags(self.info)
+            plain_union = not tags and not models and len(_members(self.info.annotation)) > 1
 
     @property
     def path(self) -> str:
@@ -153,9 +168,86 @@ TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "str
          "list": "a list", "tuple": "a list", "dict": "a mapping", "model": "a mapping"}
 
 
+def _kind(annotation: Any) -> str:
+    """What one alternative of a field accepts, as people say it: "an integer >= 1", "auto", "a list"."""
+    if typing.get_origin(annotation) is Literal:
+        return _either(list(typing.get_args(annotation)))
+    base, bounds = annotation, None
+    if typing.get_origin(annotation) is Annotated:
+        base = typing.get_args(annotation)[0]
+        bounds = _bounds(FieldInfo.from_annotation(annotation))
+    name = getattr(typing.get_origin(base) or base, "__name__", str(base))
+    words = TYPES.get({"str": "string"}.get(name, name), f"a {name}")
+    return f"{words} {bounds}" if bounds and bounds != "positive" else (f"a positive {words.split()[-1]}"
+                                                                       if bounds else words)
+
+
+def _example(place: _Place) -> str:
+    """` (e.g. path=value)`: a value the field accepts (its default, else one its type and bounds allow), as a
+    Hydra override; empty where none is known."""
+    info = place.info
+    if info is None or not place.parts:
+        return ""
+    value: Any = info.get_default(call_default_factory=True) if not info.is_required() else None
+    if info.examples:
+        value = info.examples[0]
+    elif value is None and not info.is_required() and _optional(info):
+        return f" (e.g. {place.path}=null)"
+    if value is None:
+        for member in _members(info.annotation):
+            choices = _choices(member)
+            base = typing.get_args(member)[0] if typing.get_origin(member) is Annotated else member
+            lo = next((c for c in _constraints(FieldInfo.from_annotation(member)) if isinstance(c, (Ge, Gt))), None)
+            if choices:
+                value = choices[0]
+            elif base in (int, float):
+                start = lo.ge if isinstance(lo, Ge) else (lo.gt + 1 if lo is not None else 1)
+                value = base(start)
+            elif base is bool:
+                value = True
+            if value is not None:
+                break
+    group = place.parts[0] if len(place.parts) == 1 else ""
+    if (value is None or isinstance(value, BaseModel)) and group and (CONF_DIR / group).is_dir():
+        return f" (choose one with {group}=<name>: files in conf/{group}/)"
+    if value is None or isinstance(value, BaseModel):
+        return ""
+    if isinstance(value, bool):
+        shown = str(value).lower()
+    elif isinstance(value, float):
+        shown = repr(value)
+        if "e" in shown and "." not in shown:  # 1e-05 is a string to YAML 1.1: 1.0e-05 is a number everywhere
+            shown = shown.replace("e", ".0e")
+    elif isinstance(value, (list, tuple)):
+        shown = "[" + ",".join(str(v) for v in value) + "]"
+    else:
+        shown = str(value)
+        if isinstance(value, str) and _yaml_value(shown) != value:  # `{question}` would be read as a mapping
+            shown = repr(value)
+    return f" (e.g. {place.path}={shown})"
+
+
+def _yaml_value(text: str) -> Any:
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+
+
 def _problem(e: dict, cls: type[BaseModel], where: str) -> str:
     place = _Place(cls, tuple(e["loc"]), where)
+    line = _line(place, e)
+    return line if "(e.g. " in line or "did you mean" in line else line + _example(place)
+
+
+def _line(place: _Place, e: dict) -> str:
     path, kind, value, ctx = place.path, e["type"], e.get("input"), e.get("ctx") or {}
+    if place.union and place.info is not None:
+        kinds = [_kind(m) for m in _members(place.info.annotation)]
+        return f"{path} is {value!r}: it must be {', '.join(kinds[:-1])} or {kinds[-1]}"
+    if kind == "string_too_short" and value == "":
+        return f"{path} is empty: give it a value" + (", or null" if _optional(place.info) else "")
     if kind == "extra_forbidden":
         key, fields = str(e["loc"][-1]), list(place.owner.model_fields) if place.owner else []
         near = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
@@ -163,6 +255,14 @@ def _problem(e: dict, cls: type[BaseModel], where: str) -> str:
         fix = f"did you mean {place.parent + '.' if place.parent else ''}{near[0]}?" if near else (
             f"its settings are {', '.join(fields)}")
         return f"{path} is not a setting of {scope}: {fix}"
+    if kind in ("missing", "union_tag_not_found"):
+        key = str(e["loc"][-1]) if kind == "missing" else ctx.get("discriminator", "").strip("'")
+        given = [k for k in (value if isinstance(value, dict) else {}) if isinstance(k, str)]
+        near = difflib.get_close_matches(key, given, n=1, cutoff=0.6)
+        scope = place.parent if kind == "missing" else path
+        if near:  # the field is there, misspelt
+            return (f"{scope + '.' if scope else ''}{near[0]} is not a setting of {scope or 'the config'}: "
+                    f"did you mean {scope + '.' if scope else ''}{key}?")
     if kind == "missing":
         return f"{path} is missing: add it (see the defaults in conf/)"
     if kind == "union_tag_invalid":

@@ -88,16 +88,17 @@ def log_lineage(run, chain: Chain, spec: StageSpec, cfg: Config, metrics: dict) 
     return done
 
 
-def close_stage_run(chain: Chain, spec: StageSpec, cfg: Config, metrics: dict | None) -> None:
+def close_stage_run(chain: Chain, spec: StageSpec, cfg: Config, metrics: dict | None, exit_code: int = 1) -> None:
     """Finish the stage's W&B run; on success (`metrics` given) first put the metrics in its summary and
-    log its artifacts, opening the run if the stage had none (the stages that do not train)."""
+    log its artifacts, opening the run if the stage had none (the stages that do not train). A run that did not
+    finish ends with `exit_code` (1, or 128 + the signal that stopped it)."""
     if cfg.logger.wandb is None:  # W&B runs and lineage come with the wandb logger only
         return
     wandb = sys.modules.get("wandb")  # imported by the stage if it opened a run
     run = wandb.run if wandb else None
     if metrics is None or getattr(run, "disabled", False):  # failed, or WANDB_MODE=disabled (a no-op run)
         if run is not None:
-            run.finish(exit_code=0 if metrics is not None else 1)
+            run.finish(exit_code=0 if metrics is not None else exit_code)
         return
     if run is None:
         if os.environ.get("WANDB_MODE") == "disabled":
