@@ -1,6 +1,7 @@
 # `make run`: set up .venv and run the whole lifecycle with `dvc repro`.
 # `make test`: set up .venv (.[test,sweep] at requirements/lock.txt's versions), lint with ruff, and run the test suite
 # (2 pytest-xdist workers). `make lock`: re-resolve the lock after editing pyproject.toml (docs/dependencies.md).
+# `make plots`: rewrite the offline page template of `dvc plots show` (make install writes it once; docs/loggers.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 INSTALL_LOCK := $(if $(PIP_FIND_LINKS),$(LOCK),$(VENV)/lock-pypi-torch.txt)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test lint install lock params dvc.yaml clean
+.PHONY: run test lint install lock plots params dvc.yaml clean
 
 $(UV):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +36,16 @@ $(VENV)/.installed: pyproject.toml $(LOCK) | $(UV)
 	fi
 	@touch $@
 
-install: $(VENV)/.installed
+# the page `dvc plots show` writes, drawn offline: DVC's HTML template with Vega, Vega-Lite and Vega-Embed inlined
+# (~0.9 MB, so generated here and git-ignored), named in this clone's .dvc/config.local
+PLOTS_TEMPLATE := .dvc/html/offline.html
+$(PLOTS_TEMPLATE): $(VENV)/.installed pipeline/harness/plots_template.py
+	@$(PY) -m pipeline.harness.plots_template
+
+install: $(VENV)/.installed $(PLOTS_TEMPLATE)
+
+plots: | $(VENV)/.installed
+	$(PY) -m pipeline.harness.plots_template
 
 # re-resolve the lock after editing pyproject.toml's dependencies (needs the CPU torch wheel in PIP_FIND_LINKS);
 # `make lock UPGRADE=1` moves every package to its newest allowed version
