@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import dvc, venv_env
+from conftest import REPO, dvc, venv_env
 from wandb_records import run_info
 
 pytestmark = pytest.mark.slow
@@ -198,3 +198,29 @@ def _micro():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_python_m_pipeline_writes_its_own_run_directory_unless_asked_for_the_workspace(micro_chain, tmp_path):
+    """A smoke run with overrides in a trained workspace leaves the workspace's outputs byte-identical: its own
+    land in Hydra's run directory, which it names; `hydra.run.dir=.` is how a user asks for the workspace. Each
+    console line is printed once (no second copy through Hydra's logging)."""
+    from conftest import chain_copy
+
+    work = chain_copy(micro_chain, tmp_path / "work")
+    before = sha256s(work)
+    run = [sys.executable, "-m", "pipeline", "stage=pretrain", "experiment=micro", "pretrain.max_steps=2",
+           "trainer.progress_bar=false", "logger=dvclive"]
+    env = venv_env(OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    proc = subprocess.run(run, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert changed(before, sha256s(work)) == []
+    (out,) = (work / "outputs" / "hydra").iterdir()
+    two_steps = json.loads((out / "metrics" / "pretrain.json").read_text())
+    assert two_steps["tokens_seen"] == 2 * two_steps["global_batch_tokens"]
+    assert f"outputs in outputs/hydra/{out.name}/" in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)) and not any("[HYDRA]" in line for line in lines), proc.stderr
+    asked = subprocess.run([*run, "hydra.run.dir=."], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    assert json.loads((work / "metrics" / "pretrain.json").read_text())["tokens_seen"] == two_steps["tokens_seen"]
+    assert "artifacts/pretrain/model.safetensors" in changed(before, sha256s(work))

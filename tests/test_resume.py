@@ -291,7 +291,7 @@ def test_a_bad_resume_ckpt_path_stops_the_stage_before_work(finished, tmp_path, 
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (("resume.ckpt_path=''",), "resume.ckpt_path is empty: set it to null, last, or the path of a checkpoint"),
+    (("resume.ckpt_path=''",), "resume.ckpt_path is empty: give it a value, or null (e.g. resume.ckpt_path=last)"),
     (("resume.ckpt_path=last", "resume.mode=never"), "resume.ckpt_path is last but resume.mode is never"),
     (("resume.keep=0",), "resume.keep is 0: it must be >= 1"),
 ])

@@ -187,7 +187,7 @@ class ResumeConfig(Schema):
     despite a changed config. A finished run (its outputs written) is resumed only through `ckpt_path`."""
     keep: Count = 1
     """Step checkpoints kept (the newest K, the finished run's final state among them)."""
-    ckpt_path: str | None = None
+    ckpt_path: str | None = Field(None, examples=["last"])
     """null: as `mode` says | last: continue from the stage's newest checkpoint, a finished run's final state
     included, under any config of the stage (not on changed inputs) | a path: continue from that checkpoint
     (a kept step-N.ckpt, or any Lightning checkpoint of the stage)."""

@@ -81,6 +81,9 @@ def _run(chain: Chain, stage: Stage, cfg: Config) -> dict:
     with stage_logging(name) as log_path:
         log.debug("config of run %s, log file %s", run_id(cfg), log_path)
         setup_environment(cfg)  # before the stage imports datasets/wandb, which read it at import time
+        if stage.spec.trains:  # an accelerator or device count this machine lacks, before Lightning is started
+            from pipeline.inference.placement import check_placement
+            check_placement(cfg.trainer)
         stage.check(cfg)  # bad inputs stop the stage here, before any work or output
         check_resume_path(cfg, stage.spec)
         start = time.time()
