@@ -5,6 +5,10 @@ The conversation is rendered in the tokenizer's chat template (`render`: the pip
 exact tokens sampled where the template is token-level, and the oldest turns are dropped when it would no
 longer fit the model's context.
 
+Replies stream token by token as they are sampled, on the model's device (the CLI places it on
+`trainer.accelerator` in `trainer.precision`: pipeline.inference.placement). `gpt-pipeline chat` and
+`generate` drive it.
+
 The context (`model.block_size`) holds the prompt and the reply together, and `max_new_tokens` of it are kept
 for the reply. What cannot fit is refused (ValueError, naming the numbers), never cut: a `max_new_tokens` of
 the whole context or more, when the chat starts (no prompt could leave that room: it is a mistake, and
@@ -12,9 +16,6 @@ clamping it would give each turn a different, unannounced limit); a prompt longe
 every earlier turn is dropped (the system message and the question alone), when it is asked (cutting it
 would drop its chat header, `<|bos|><|user|>`, and the start of the question, unseen). A refused question is
 not remembered; the conversation goes on.
-Replies stream token by token as they are sampled, on the model's device (the CLI places it on
-`trainer.accelerator` in `trainer.precision`: pipeline.inference.placement). `gpt-pipeline chat` and
-`generate` drive it.
 """
 from __future__ import annotations
 
