@@ -3,6 +3,8 @@
 Paths DVC tracks are relative to the working directory (the project root under `dvc repro`, a job's
 directory in a Hydra multirun, a temp directory in the tests), so a stage never writes outside the
 directory it runs in. Paths of the project's own files (conf/, params.yaml, dvc.yaml) are absolute.
+The `gpt-pipeline` CLI may be started anywhere inside a workspace: it moves to `workspace_root()` first, and
+paths the user types are rebased on that root (`user_path`) before it does.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ DVC_FILE = PROJECT_ROOT / "dvc.yaml"
 PARAMS_FILE = Path("params.yaml")  # the config `dvc repro` reads, in the working directory
 CODE_DIRS = ("pipeline", "stages")  # the project's code: what a run identity hashes, what stages import
 HF_HOME = PROJECT_ROOT / ".cache" / "huggingface"  # a project-local hub cache (never ~/.cache)
+
+WORKSPACE_MARKERS = ("dvc.yaml", "params.yaml")  # what the directory these relative paths start from holds
 
 PREPARED = Path("data/prepared")  # the prepare stage's splits and manifest
 MANIFEST = PREPARED / "manifest.json"
@@ -37,6 +41,21 @@ IDENTITY_FILES: dict[Path, tuple[Path, ...]] = {
     TOKENS: (TOKENS / "pretrain.json", TOKENS / "pretrain_val.json"),  # counts and the tokenizer's hash
     TOKENIZER_DIR: (TOKENIZER_FILE, CHAT_TEMPLATE_FILE, CHAT_TOKENS_FILE),  # absent files are skipped
 }
+
+
+def workspace_root(start: Path | None = None) -> Path:
+    """The workspace a command started in `start` (default: the working directory) works in: the nearest of it and
+    its parents holding dvc.yaml or params.yaml; `start` itself when none does (a bare copy of artifacts/)."""
+    start = (start or Path.cwd()).absolute()
+    return next((d for d in (start, *start.parents) if any((d / m).is_file() for m in WORKSPACE_MARKERS)), start)
+
+
+def user_path(text: str) -> Path:
+    """A path typed on the command line, meaning the same once the CLI has moved to `workspace_root()`: relative
+    to the root when inside it, else absolute (argparse `type=`; a default that is a Path, not a string, is left
+    as it is: workspace-relative)."""
+    path, root = Path(text).expanduser().absolute(), workspace_root()
+    return path.relative_to(root) if path.is_relative_to(root) else path
 
 
 def checkpoint_dir(name: str) -> Path:

@@ -182,6 +182,9 @@ def test_the_export_config_renders_the_same_ids_in_transformers(ckpt, tmp_path):
     assert hf_ids(hf, TWO_TURNS) == default.chat(TWO_TURNS)[0] == default.render(TWO_TURNS, False)
     assert hf_ids(hf, TWO_TURNS[:3], add_generation_prompt=True) == default.render(TWO_TURNS[:3])
     assert default.render(EXCHANGE[:1]) == default.prompt(EXCHANGE[0]["content"])
+    # a system message, folded into the first user turn by both (no system token: the vocabulary is the checkpoints')
+    assert hf_ids(hf, SYSTEM) == default.chat(SYSTEM)[0] == default.render(SYSTEM, False)
+    assert hf_ids(hf, SYSTEM[:4], add_generation_prompt=True) == default.render(SYSTEM[:4])
 
 
 def test_the_template_is_read_from_each_of_its_forms(tmp_path):

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, compose_micro, venv_env
+import pytest
+
+from conftest import REPO, chain_copy, compose_micro, venv_env
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -125,3 +127,65 @@ def test_chat_keeps_the_template_and_drops_the_oldest_turns(in_chain):
     assert len(ctx) <= model.config.block_size - 4 and ctx[0] == tok.bos_id
     text = tok.decode(ctx)
     assert text.endswith("last?") and "question 39" in text and "question 0" not in text
+
+
+# ------------------------------------------------------------------ the workspace, the context, defaults
+
+@pytest.fixture(scope="module")
+def workspace(micro_chain, tmp_path_factory) -> Path:
+    """The micro chain's data and checkpoints with its params.yaml (`chain_copy`), and a subdirectory docs/notes."""
+    ws = chain_copy(micro_chain, tmp_path_factory.mktemp("workspace"))
+    (ws / "docs" / "notes").mkdir(parents=True)
+    return ws
+
+
+def test_the_cli_finds_its_workspace_from_a_subdirectory(workspace, monkeypatch):
+    """Run below the directory holding params.yaml, generate reads the workspace's checkpoints and tokenizer, and
+    export writes --out where the user is."""
+    proc = run(["-m", "pipeline.cli", "generate", "--stage", "sft", "--prompt", "What is 2 + 3?", "--max-new-tokens",
+                "4"], workspace / "docs" / "notes")
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+    from pipeline.cli import main
+    monkeypatch.chdir(workspace / "docs" / "notes")
+    assert main(["export", "--stage", "sft", "--out", "hf"]) == 0
+    assert (workspace / "docs" / "notes" / "hf" / "gpt_pipeline.json").is_file()
+
+
+def test_a_prompt_or_reply_the_context_cannot_hold_is_refused_naming_the_numbers(workspace, monkeypatch, capsys):
+    """Never an IndexError, never a prompt cut silently (it would lose its chat header): exit 2, the message names
+    the token counts and the limit."""
+    from pipeline.cli import main
+    from pipeline.data.tokenizer import load_tokenizer
+    monkeypatch.chdir(workspace)
+    cfg = compose_micro()
+    block = cfg.model.block_size
+    assert main(["generate", "--stage", "sft", "--prompt", "hi", "--max-new-tokens", "100000"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and "100000" in err and f"{block} tokens" in err, err
+    question = "What is 2 + 3? " * 667  # 10,005 characters
+    tokens = len(load_tokenizer(cfg.tokenizer.special_tokens).prompt(question))
+    assert main(["generate", "--stage", "sft", "--prompt", question, "--max-new-tokens", "16"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and f"{tokens} tokens" in err and f"{block - 16} " in err, err
+
+
+def test_chat_reports_a_prompt_too_long_and_goes_on(workspace, monkeypatch, capsys):
+    from pipeline import cli
+    lines = iter(["word " * 2000, "What is 2 + 3?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.chdir(workspace)
+    assert cli.main(["chat", "--stage", "sft", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "tokens" in err and "shorten" in err and out.count("\n") >= 2, (out, err)
+
+
+def test_chat_is_greedy_by_default_and_help_shows_the_defaults(capsys):
+    from pipeline.cli import parse_args
+    assert parse_args(["chat"]).temperature == 0.0 == parse_args(["generate", "--prompt", "q"]).temperature
+    with pytest.raises(SystemExit) as done:
+        parse_args(["chat", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert done.value.code == 0
+    for default in ("--temperature TEMPERATURE", "(default: 0.0)", "(default: 64)", "(default: aligned)"):
+        assert default in shown, shown
+    assert "(default: None)" not in shown

@@ -112,6 +112,31 @@ def test_a_system_message_is_folded_into_the_first_user_turn_in_both_templates(p
             hf.apply_chat_template(bad, tokenize=False)
 
 
+def test_transformers_pipeline_replies_greedily_within_the_context_by_default(tmp_path):
+    """`pipeline("text-generation")` given only the messages (a system message first): the reply is the pipeline's
+    greedy one (as `evaluate` decodes), whatever the seed, stopping at <|end|> or the context, never past it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=16)).eval()
+    tokenizer_file = tmp_path / "tokenizer.json"
+    byte_level_tokenizer(SPECIALS).save(str(tokenizer_file))
+    tok = load_tokenizer(SPECIALS, tokenizer_file)
+    export_model(model, tok, tokenizer_file, tmp_path / "hf")
+    config = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"))
+    assert config.do_sample is False and config.max_length == 48
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (tok.bos_id, tok.end_id, tok.pad_id)
+    messages = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "the fox?"}]
+    prompt = tok.render(messages)
+    ours = generate(model, [prompt], SamplingConfig(max_new_tokens=48, temperature=0.0), stop_id=tok.end_id,
+                    pad_id=tok.pad_id)[0]
+    chat = transformers.pipeline("text-generation", model=str(tmp_path / "hf"))
+    replies = []
+    for seed in (0, 1):
+        transformers.set_seed(seed)
+        replies.append(chat(messages)[0]["generated_text"][-1]["content"])
+    assert replies == [tok.decode(tok.strip_response(ours))] * 2
+    assert len(prompt) + len(ours) == 48  # the random model never says <|end|>: the reply fills the context
+
+
 def test_sinusoidal_bias_free_model_exports_exactly(tmp_path):
     """Sinusoidal positions become GPT-2's position table; a bias-free model gets zero biases."""
     torch.manual_seed(0)

@@ -176,12 +176,13 @@ def summary(out: dict, rows: list[dict], model_dir: Path, evaluate_file: Path = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-dir", type=Path, default=paths.EXPORT_DIR,
+    parser.add_argument("--model-dir", type=paths.user_path, default=paths.EXPORT_DIR,
                         help="a transformers directory the export stage or `gpt-pipeline export` wrote")
-    parser.add_argument("--tasks-dir", type=Path, default=TASKS_DIR, help="where the lm-eval task is written")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--out", type=Path, default=RESULTS_FILE, help="the result JSON")
+    parser.add_argument("--tasks-dir", type=paths.user_path, default=TASKS_DIR,
+                        help="where the lm-eval task is written")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N problems (default: all)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="problems per generate call")
+    parser.add_argument("--out", type=paths.user_path, default=RESULTS_FILE, help="the result JSON")
     parser.add_argument("--write-only", action="store_true",
                         help="write the task directory and print the lm_eval command line, run nothing")
 

@@ -4,9 +4,18 @@ The conversation is rendered in the tokenizer's chat template (`render`: the pip
 <|assistant|> a1 <|end|> <|user|> q2 <|assistant|> ..., or an adopted checkpoint's own), each reply as the
 exact tokens sampled where the template is token-level, and the oldest turns are dropped when it would no
 longer fit the model's context.
+
 Replies stream token by token as they are sampled, on the model's device (the CLI places it on
 `trainer.accelerator` in `trainer.precision`: pipeline.inference.placement). `gpt-pipeline chat` and
 `generate` drive it.
+
+The context (`model.block_size`) holds the prompt and the reply together, and `max_new_tokens` of it are kept
+for the reply. What cannot fit is refused (ValueError, naming the numbers), never cut: a `max_new_tokens` of
+the whole context or more, when the chat starts (no prompt could leave that room: it is a mistake, and
+clamping it would give each turn a different, unannounced limit); a prompt longer than the room left once
+every earlier turn is dropped (the system message and the question alone), when it is asked (cutting it
+would drop its chat header, `<|bos|><|user|>`, and the start of the question, unseen). A refused question is
+not remembered; the conversation goes on.
 """
 from __future__ import annotations
 
@@ -36,6 +45,11 @@ class Chat:
         on the model's device at the first reply. `system`: a system message that opens every prompt (the
         template folds it into the first user turn: `pipeline.data.tokenizer.fold_system`), kept when old turns
         are dropped."""
+        block = model.config.block_size
+        if sampling.max_new_tokens >= block:
+            raise ValueError(f"max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt: the model's "
+                             f"context (model.block_size) holds {block} tokens, prompt and reply together; ask for "
+                             f"fewer than {block} (e.g. --max-new-tokens {block // 2})")
         self.model, self.tok, self.sampling, self.seed = model, tok, sampling, seed
         self.system = [{"role": "system", "content": system}] if system else []
         self.autocast = placement.autocast if placement is not None else nullcontext
@@ -43,14 +57,21 @@ class Chat:
         self.turns: list[tuple[list[int], list[int]]] = []  # (user ids, reply ids incl. end)
 
     def context(self, question: str) -> list[int]:
-        """The prompt for the next reply; the oldest turns are dropped until it leaves room to answer."""
-        room = self.model.config.block_size - self.sampling.max_new_tokens
+        """The prompt for the next reply; the oldest turns are dropped until it leaves room to answer. A prompt
+        that leaves no room even alone is refused (ValueError), not cut."""
+        block, reply = self.model.config.block_size, self.sampling.max_new_tokens
+        room = block - reply
         ask = {"role": "user", "content": question}
         turns = list(self.turns)
         while True:
             ids = self.tok.render([*self.system, *self.history(turns), ask], add_generation_prompt=True)
-            if len(ids) <= room or not turns:
-                return ids[-room:] if len(ids) > room else ids
+            if len(ids) <= room:
+                return ids
+            if not turns:
+                what = "the system message and the question are" if self.system else "the question is"
+                raise ValueError(f"{what} {len(ids)} tokens in the chat template, more than the {room} the model's "
+                                 f"context leaves for a prompt ({block} tokens, model.block_size, less "
+                                 f"max_new_tokens {reply} for the reply): shorten it, or lower --max-new-tokens")
             turns.pop(0)
 
     def history(self, turns: list[tuple[list[int], list[int]]]) -> list[dict]:

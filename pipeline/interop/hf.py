@@ -393,6 +393,14 @@ def hf_config(cfg: GPTConfig, arch: str, ids: dict[str, int | None]) -> dict:
     return out
 
 
+def generation_config(cfg: GPTConfig, ids: dict[str, int | None]) -> dict:
+    """generation_config.json: greedy, as `evaluate` decodes (transformers' pipeline() samples when do_sample is
+    unset), stopping at the end-of-turn token or at the context the model was trained with (max_length, prompt
+    included: the pipeline's default of 256 new tokens would run past GPT-2's position table)."""
+    return {"do_sample": False, "max_length": cfg.block_size, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
+            "pad_token_id": ids["pad"]}
+
+
 def check_out_dir(out: Path) -> None:
     """Refuse to replace a non-empty directory that is not an earlier export (it is replaced whole)."""
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "gpt_pipeline.json").is_file()):
@@ -413,8 +421,7 @@ def export_model(model: GPT, tok: ChatTokenizer, tokenizer_file: str | Path, out
     with atomic_dir(out) as tmp:
         save_file(hf_state_dict(model, arch), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", hf_config(model.config, arch, ids))
-        write_json(tmp / "generation_config.json", {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
-                                                    "pad_token_id": ids["pad"]})
+        write_json(tmp / "generation_config.json", generation_config(model.config, ids))
         Tokenizer.from_file(str(tokenizer_file)).save(str(tmp / "tokenizer.json"))
         write_json(tmp / "tokenizer_config.json", tokenizer_config)
         specials = ("bos_token", "eos_token", "pad_token", "additional_special_tokens")

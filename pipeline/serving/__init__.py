@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser, models: list[str]) -> None:
     p.add_argument("--stage", default="aligned", choices=models, help="the default model (every checkpoint "
                    "present is served; a request's `model` picks one)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on")
     p.add_argument("--max-batch", type=int, default=16, help="most rows decoded together")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
                    help="how long an idle server waits for more requests before its first step (requests "
