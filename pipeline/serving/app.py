@@ -10,7 +10,9 @@ Both completion endpoints honour temperature, top_p, max_tokens, stop, seed and 
 events when `stream` is set, and report usage (prompt, completion and total tokens) in every response; a
 stream's last chunk carries it, and `stream_options.include_usage` adds OpenAI's separate usage chunk. Requests
 decode together in the engine's waves (pipeline/serving/engine.py). A bad request gets a 4xx in OpenAI's error
-shape before any work; a client that disconnects cancels its rows.
+shape before any work (a body over MAX_BODY_BYTES a 413 before it is read); a client that disconnects cancels
+its rows. /openapi.json declares every status each endpoint answers with and the body of each (the models of
+pipeline/serving/protocol.py, the served models and their largest context included).
 
 FastAPI and uvicorn, not LitServe: FastAPI validates the OpenAI bodies with pydantic (the config schemas' library)
 and streams token by token from one event loop, while one generation thread owns the model and batches across
@@ -23,6 +25,7 @@ import asyncio
 import json
 import logging
 import random
+import reprlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,15 +35,76 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from pipeline.data.tokenizer import ChatTokenizer
 from pipeline.serving.engine import Engine, Job
-from pipeline.serving.protocol import MAX_CHOICES, APIError, ChatRequest, CompletionRequest, Sampling, error_body
+from pipeline.serving.protocol import (
+    MAX_BODY_BYTES,
+    MAX_CHOICES,
+    APIError,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    Completion,
+    CompletionChunk,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelList,
+    Sampling,
+    declare,
+    error_body,
+    field_path,
+    streamed,
+)
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 POLL_S = 0.5  # how often a waiting non-streamed request asks whether its client is still there
+
+
+REFUSED = {status: {"model": ErrorResponse, "description": why} for status, why in (
+    (400, "a malformed request, a value out of range, an unsupported option, a prompt past the context"),
+    (404, "an unknown model"), (413, f"a request body over {MAX_BODY_BYTES} bytes"),
+    (500, "generation failed (the server serves on)"))}
+
+
+def completion(body: type, chunk: type) -> dict:
+    """The OpenAPI responses of a completion endpoint: `body` (or a stream of `chunk`s), or an error."""
+    return {200: {"model": body, "description": "the completion, or with `stream` its chunks as server-sent events",
+                  "content": streamed(chunk)}, **REFUSED}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a 413, refused by its Content-Length before it is read,
+    or as its chunks arrive (a body without one)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            body = error_body(self.refusal(), code="request_too_large")
+            return await JSONResponse(body, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # FastAPI passes an HTTPException raised while it reads the body on
+                raise HTTPException(413, self.refusal())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def refusal(self) -> str:
+        return f"the request body is over this server's limit of {self.limit} bytes: shorten the prompt"
 
 
 @dataclass(frozen=True)
@@ -77,21 +141,37 @@ class Choices:
 def create_app(tok: ChatTokenizer, engine: Engine, checkpoints: dict[str, Checkpoint], default: str) -> FastAPI:
     """The FastAPI app over a started `engine`; `checkpoints`: what may be asked for, `default` first."""
     app = FastAPI(title="gpt-pipeline", description="OpenAI-compatible serving of the chain's checkpoints")
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            declare(FastAPI.openapi(app), list(checkpoints), max(c.block_size for c in checkpoints.values()))
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status)
 
+    @app.exception_handler(HTTPException)  # Starlette's own: an unknown path, a method not allowed, a 413
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status_code)
+        message = f"{err.detail}: {request.method} {request.url.path}" if err.status_code in (404, 405) else err.detail
+        return JSONResponse(error_body(message, code=code), status_code=err.status_code, headers=err.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        found = err.errors()
+        # of a union's members' errors (a field's first), the deepest: the member the value got furthest in
+        first = max((e for e in found if e.get("loc", ())[:2] == found[0].get("loc", ())[:2]),
+                    key=lambda e: len(e.get("loc", ())))
         if first.get("type") == "json_invalid":
             message, param = f"the request body is not valid JSON: {first.get('msg')}", None
         else:
-            param = ".".join(where) or None
-            message = f"{param or 'body'}: {first.get('msg')}" + (f" (got {first['input']!r})"
-                                                                 if "input" in first and where else "")
+            param = field_path(first.get("loc", ()))
+            got = reprlib.repr(first["input"]) if "input" in first and param else None  # bounded: inputs can be big
+            message = f"{param or 'body'}: {first.get('msg')}" + (f" (got {got})" if got else "")
         return JSONResponse(error_body(message, param=param, code=first.get("type")), status_code=400)
 
     @app.exception_handler(Exception)
@@ -105,24 +185,24 @@ def create_app(tok: ChatTokenizer, engine: Engine, checkpoints: dict[str, Checkp
                            "(GET /v1/models)", param="model", code="model_not_found")
         return checkpoints[name]
 
-    def budget(req: Sampling, ckpt: Checkpoint, prompt: list[int]) -> int:
+    def budget(req: Sampling, ckpt: Checkpoint, prompt: list[int], chat: bool) -> int:
         room = ckpt.block_size - len(prompt)
         if room < 1:
             raise APIError(400, f"the prompt has {len(prompt)} tokens, and model {ckpt.name!r}'s context is "
-                           f"{ckpt.block_size}: shorten the conversation", param="messages",
-                           code="context_length_exceeded")
+                           f"{ckpt.block_size}: shorten the {'conversation' if chat else 'prompt'}",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
         if req.max_tokens is not None and req.max_tokens > room:
             raise APIError(400, f"max_tokens ({req.max_tokens}) plus the prompt's {len(prompt)} tokens exceed "
                            f"model {ckpt.name!r}'s context of {ckpt.block_size}: ask for at most {room}",
                            param="max_tokens", code="context_length_exceeded")
         return req.max_tokens or room
 
-    def jobs(req: Sampling, prompts: list[list[int]], choices: Choices) -> list[Job]:
+    def jobs(req: Sampling, prompts: list[list[int]], choices: Choices, chat: bool) -> list[Job]:
         ckpt = checkpoint(req.model)
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"{len(prompts)} prompts x n={req.n} ask for more than {MAX_CHOICES} completions in "
-                           "one request: split it", param="n")
-        budgets = [budget(req, ckpt, p) for p in prompts]
+                           "one request: split it", param="n", code="too_many_completions")
+        budgets = [budget(req, ckpt, p, chat) for p in prompts]
         base = req.seed if req.seed is not None else random.randrange(2**31)
         out = []
         for p, (prompt, max_tokens) in enumerate(zip(prompts, budgets)):
@@ -153,7 +233,7 @@ def create_app(tok: ChatTokenizer, engine: Engine, checkpoints: dict[str, Checkp
 
     async def respond(request: Request, req: Sampling, prompts: list[list[int]], chat: bool):
         choices = Choices(len(prompts) * req.n)
-        submitted = jobs(req, prompts, choices)
+        submitted = jobs(req, prompts, choices, chat)
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": None}
@@ -214,7 +294,7 @@ def create_app(tok: ChatTokenizer, engine: Engine, checkpoints: dict[str, Checkp
             for job in submitted:
                 job.cancelled.set()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=completion(ChatCompletion, ChatCompletionChunk))
     async def chat_completions(req: ChatRequest, request: Request):
         checkpoint(req.model)
         try:
@@ -223,24 +303,25 @@ def create_app(tok: ChatTokenizer, engine: Engine, checkpoints: dict[str, Checkp
             raise APIError(400, f"messages: {err}", param="messages") from None
         return await respond(request, req, [prompt], chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=completion(Completion, CompletionChunk))
     async def completions(req: CompletionRequest, request: Request):
         checkpoint(req.model)
         prompts = [[tok.bos_id, *tok.encode(text)] for text in req.prompts()]
         return await respond(request, req, prompts, chat=False)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def models():
         return {"object": "list", "data": [{"id": c.name, "object": "model", "created": c.created,
                                              "owned_by": "gpt-pipeline", "context_length": c.block_size}
                                             for c in sorted(checkpoints.values(), key=lambda c: c.name != default)]}
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}})
     async def health():
         return {"status": "ok", "default_model": default, "models": list(checkpoints), "pending": engine.pending(),
                 "waves": engine.waves, "widest_wave": engine.widest, "cancelled": engine.cancelled}
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, responses={404: {"model": ErrorResponse,
+                                                                  "description": "the page is missing"}})
     async def page():
         if not PAGE.is_file():
             raise APIError(404, f"{PAGE} is missing from this installation", code="not_found")

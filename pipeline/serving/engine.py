@@ -40,6 +40,7 @@ from pipeline.model.kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 REPLACEMENT = "\ufffd"  # what decoding an incomplete UTF-8 sequence ends with
+TINY = torch.finfo(torch.float32).tiny  # the smallest temperature and top_p sampled with (logits are float32)
 
 
 @dataclass
@@ -223,7 +224,11 @@ class Engine:
         for i, row in enumerate(rows):
             job = row.job
             if job.temperature > 0:
-                scaled = filter_logits(logits[i:i + 1] / job.temperature, 0, job.top_p)
+                # shifted so the best logit is 0: a tiny temperature then sends the others to -inf, where dividing
+                # the raw logits would give inf - inf = nan; a temperature or top_p below float32's range would be
+                # 0 there (a division by 0; every token dropped), so they are at least its smallest normal number
+                shifted = logits[i:i + 1] - logits[i:i + 1].max()
+                scaled = filter_logits(shifted / max(job.temperature, TINY), 0, max(job.top_p, TINY))
                 nxt[i] = torch.multinomial(torch.softmax(scaled, -1), 1, generator=row.generator)[0, 0]
         return nxt.tolist()
 
