@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 from pipeline.config.identity import run_identity
 from pipeline.config.model import GPTConfig
@@ -46,8 +46,21 @@ def checkpoint_meta(cfg: Config, tok: ChatTokenizer, model: GPT, kind: str, **ex
 def save_checkpoint(name: str, model: torch.nn.Module, meta: dict) -> None:
     """Write `model` and `meta` as checkpoint `name`, atomically."""
     with atomic_dir(checkpoint_dir(name)) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(_untied(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "meta.json", {"name": name, **meta})
+
+
+def _untied(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with each tied tensor once, under the first of its names in sorted order, the one
+    safetensors' `save_model` keeps (and `load_model` ties back). `save_model` itself also records every dropped
+    name in the file's metadata, which the Rust writer orders at random: a model with two tied pairs (the reward
+    model with its likelihood term) came out as different bytes from run to run, which DVC takes for a new model."""
+    state = model.state_dict()
+    tied: dict[object, list[str]] = {}
+    for key, tensor in state.items():
+        same = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        tied.setdefault(same if tensor.numel() else key, []).append(key)
+    return {min(keys): state[min(keys)].contiguous() for keys in tied.values()}
 
 
 def read_meta(name: str, producer: str | None = None) -> dict:
