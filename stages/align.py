@@ -45,7 +45,7 @@ SPEC = StageSpec(
 
 def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.alignment import methods
-    from pipeline.harness.validation import check_inputs
+    from pipeline.harness.validation import check_inputs, check_sampled_prompts
     from pipeline.inference.placement import check_placement, world_size
     from pipeline.model.lora import check_adapters
     from stages import registry
@@ -54,6 +54,8 @@ def check(cfg: Config, spec: StageSpec) -> None:
     methods.check_world(acfg, world_size(cfg.trainer), cfg.strategy.name, getattr(cfg.strategy, "stage", None))
     inputs = check_inputs(cfg, spec)
     check_adapters(cfg.peft, spec.name, inputs.metas[spec.checkpoint("gpt")]["model"], registry())
+    check_sampled_prompts(inputs, inputs.block_size(spec.checkpoint("gpt")),
+                          {f"align.{k}": v for k, v in acfg.answer_budgets().items()})
     from pipeline.training.loggers import check as check_loggers
     check_loggers(cfg, spec.name)  # every logger and callback builds; DVCLive is there under DVC
 

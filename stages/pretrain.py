@@ -22,9 +22,10 @@ SPEC = StageSpec(
 
 
 def check(cfg: Config, spec: StageSpec) -> None:
-    from pipeline.harness.validation import check_inputs, check_token_shards
+    from pipeline.data.shards import check_token_shards
+    from pipeline.harness.validation import check_inputs
     tok = check_inputs(cfg, spec).tok
-    check_token_shards(tok)
+    check_token_shards(paths.TOKENS, tok)
     source = cfg.model.init_dir()
     if source is not None:  # config.json, the weights' headers and the tokenizer, before any work
         from pipeline.interop.hf import check_imported_tokenizer, check_pretrained

@@ -31,13 +31,15 @@ SPEC = StageSpec(
 
 
 def check(cfg: Config, spec: StageSpec) -> None:
-    from pipeline.harness.validation import check_inputs
+    from pipeline.harness.validation import check_inputs, check_sampled_prompts
     from pipeline.inference.placement import check_placement
     from pipeline.model.lora import check_adapters
     from stages import registry
     check_placement(cfg.trainer)
     inputs = check_inputs(cfg, spec)
     check_adapters(cfg.peft, spec.name, inputs.metas[spec.checkpoint("gpt")]["model"], registry())
+    check_sampled_prompts(inputs, inputs.block_size(spec.checkpoint("gpt")),
+                          {"reward.on_policy.max_new_tokens": cfg.reward.on_policy.max_new_tokens})
     from pipeline.training.loggers import check as check_loggers
     check_loggers(cfg, spec.name)  # every logger and callback builds; DVCLive is there under DVC
 

@@ -234,7 +234,7 @@ class ChatTemplate:
             token = getattr(self, field)
             if token is not None and tok.token_to_id(token) is None:
                 raise TemplateError(f"{self.where}: {field} {token!r} is not a token of the tokenizer beside it "
-                                    "(tokenizer.json)")
+                                    f"({Path(self.where).parent / 'tokenizer.json'})")
         try:
             compile_template(self.source)
         except Exception as err:  # jinja2's TemplateSyntaxError, with the line

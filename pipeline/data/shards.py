@@ -1,8 +1,9 @@
 """Pretraining text → flat token shards on disk (`data/tokens`), and the memmap reader over them.
 
 Holds `open_corpus` (the `pretrain` and `pretrain_val` document streams `data.corpus`, the validated
-`pipeline.config.sources.CorpusConfig`, names), `write_tokens` (tokenize them into shards, atomically) and
-`TokenShards` (read one split back as one flat stream).
+`pipeline.config.sources.CorpusConfig`, names), `write_tokens` (tokenize them into shards, atomically),
+`TokenShards` (read one split back as one flat stream) and `check_token_shards` (refuse, before pretraining, an
+index that is damaged or another split's, a shard of another size than it says, an id outside the vocabulary).
 
 Design choices:
 - One flat stream per split with every document opened by <|bos|>, as nanoGPT's `.bin` files:
@@ -33,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.config.sources import CORPUS_FILES, CorpusConfig, file_builder
 from pipeline.data.tokenizer import ChatTokenizer
+from pipeline.input_files import json_type, read_json, require_file
 from pipeline.io import atomic_dir
 from pipeline.logs import interactive
 
@@ -222,6 +224,35 @@ def write_tokens(splits: dict[str, Any], tok: ChatTokenizer, out_dir: Path, cfg:
 
 # ------------------------------------------------------------------ reading shards
 
+SHARD_FIX = "rerun the tokenizer stage (dvc repro -f tokenizer)"
+_INDEX_FIELDS: dict[str, type] = {"split": str, "dtype": str, "n_tokens": int, "n_bytes": int, "shards": list,
+                                  "tokenizer_sha256": str}
+
+
+def read_index(path: Path, split: str) -> dict[str, Any]:
+    """`<split>.json`, refused (naming it) unless it is the index of split `split`: its fields of their types, a
+    dtype shards are written in, each shard a plain file name and a token count, the counts adding up."""
+    meta = read_json(path, SHARD_FIX, missing=f"{path} not found: run the tokenizer stage first (dvc repro tokenizer)")
+    for field, kind in _INDEX_FIELDS.items():
+        if not isinstance(meta.get(field), kind) or isinstance(meta.get(field), bool):
+            what = json_type(meta[field]) if field in meta else "missing"
+            raise ValueError(f"{path}: field {field!r} is {what}, not {json_type(kind())}: {SHARD_FIX}")
+    if meta["split"] != split:
+        raise ValueError(f"{path} is the index of split {meta['split']!r}, not {split!r}: {SHARD_FIX}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise ValueError(f"{path}: dtype {meta['dtype']!r} is not one shards are written in (uint16, uint32): "
+                         f"{SHARD_FIX}")
+    for i, shard in enumerate(meta["shards"]):
+        file, n = (shard.get("file"), shard.get("n_tokens")) if isinstance(shard, dict) else (None, None)
+        if not isinstance(file, str) or Path(file).name != file or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{path}: shards[{i}] is not {{file: a name in {path.parent}, n_tokens: a count}}: "
+                             f"{SHARD_FIX}")
+    if sum(s["n_tokens"] for s in meta["shards"]) != meta["n_tokens"]:
+        raise ValueError(f"{path}: its shards' n_tokens do not add up to its n_tokens ({meta['n_tokens']}): "
+                         f"{SHARD_FIX}")
+    return meta
+
+
 class TokenShards:
     """One split's shards as one flat, read-only token stream (memory-mapped, so nothing is loaded).
 
@@ -231,10 +262,7 @@ class TokenShards:
 
     def __init__(self, tokens_dir: str | Path, split: str) -> None:
         self.dir, self.split = Path(tokens_dir), split
-        path = self.dir / f"{split}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run the tokenizer stage first (dvc repro tokenizer)")
-        self.meta: dict[str, Any] = json.loads(path.read_text())
+        self.meta: dict[str, Any] = read_index(self.dir / f"{split}.json", split)
         self.dtype = np.dtype(self.meta["dtype"])
         self.offsets = np.cumsum([0] + [s["n_tokens"] for s in self.meta["shards"]])
         self._maps: list[np.memmap] | None = None
@@ -253,11 +281,26 @@ class TokenShards:
             self._maps = []
             for shard in self.meta["shards"]:
                 path = self.dir / shard["file"]
-                if not path.is_file() or path.stat().st_size != shard["n_tokens"] * self.dtype.itemsize:
-                    raise ValueError(f"{path} is missing or not {shard['n_tokens']} tokens long: "
-                                     "rerun the tokenizer stage (dvc repro -f tokenizer)")
-                self._maps.append(np.memmap(path, dtype=self.dtype, mode="r"))
+                require_file(path, SHARD_FIX)
+                if path.stat().st_size != shard["n_tokens"] * self.dtype.itemsize:
+                    raise ValueError(f"{path} is {path.stat().st_size} bytes, not the {shard['n_tokens']} "
+                                     f"{self.dtype.name} tokens {self.dir / (self.split + '.json')} says: {SHARD_FIX}")
+                # an empty shard cannot be memory-mapped; it holds nothing to read anyway
+                self._maps.append(np.memmap(path, dtype=self.dtype, mode="r") if shard["n_tokens"]
+                                  else np.empty(0, self.dtype))
         return self._maps
+
+    def verify(self, vocab_size: int, chunk: int = 1 << 26) -> None:
+        """Refuse a shard of another size than the index says, or holding an id outside a `vocab_size` vocabulary
+        (a flipped byte: training would index past the embedding). Reads every token once, `chunk` at a time: about
+        a second per few GB from the page cache."""
+        for shard, tokens in zip(self.meta["shards"], self.maps):
+            for start in range(0, len(tokens), chunk):
+                part = tokens[start:start + chunk]
+                if part.max() >= vocab_size:
+                    at = start + int(np.argmax(part >= vocab_size))
+                    raise ValueError(f"{self.dir / shard['file']}: token {at} is id {int(tokens[at])}, outside the "
+                                     f"tokenizer's {vocab_size} ids: the file is damaged; {SHARD_FIX}")
 
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, read across shard boundaries."""
@@ -274,3 +317,14 @@ class TokenShards:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_maps": None}
+
+
+def check_token_shards(tokens_dir: Path, tok: ChatTokenizer) -> None:
+    """Pretraining's token shards (before work): each split's index whole, written by the workspace's tokenizer,
+    its shards the sizes it says and holding only ids of that tokenizer's vocabulary."""
+    for split in SPLITS:
+        shards = TokenShards(tokens_dir, split)
+        if shards.meta["tokenizer_sha256"] != tok.sha256:
+            raise ValueError(f"{Path(tokens_dir) / f'{split}.json'} was written by another tokenizer than the "
+                             "workspace's: rerun `dvc repro tokenizer`")
+        shards.verify(tok.vocab_size)

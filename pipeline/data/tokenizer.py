@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -36,6 +37,7 @@ from pipeline.data.chat_template import (
     control_tokens,
     mark,
 )
+from pipeline.input_files import json_problem, require_file
 from pipeline.io import file_sha256
 from pipeline.paths import TOKENIZER_FILE
 
@@ -97,6 +99,13 @@ class ChatTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    @cached_property
+    def widest_token(self) -> int:
+        """The most bytes of text one token spans: byte-level BPE writes one vocabulary character per byte, and
+        text never encodes to the added (special) tokens (`encode_special_tokens`)."""
+        added = set(self.tok.get_added_tokens_decoder())
+        return max((len(t) for t, i in self.tok.get_vocab().items() if i not in added), default=1)
 
     def encode(self, text: str) -> list[int]:
         # special tokens typed as text by a user stay plain bytes, never control tokens
@@ -278,6 +287,23 @@ class TemplateTokenizer(ChatTokenizer):
                 "model_max_length": block_size, "clean_up_tokenization_spaces": False, "chat_template": t.source}
 
 
+def bounded_length(tok: ChatTokenizer, nbytes: int, specials: int, limit: int,
+                   count: Callable[[], int]) -> tuple[int, str]:
+    """The length of a text of `nbytes` UTF-8 bytes encoded with `specials` special tokens, as (tokens, qualifier),
+    told apart from `limit` without tokenizing where the bytes decide it: under the pipeline's byte-level BPE a token
+    spans 1 to `widest_token` bytes, so (bytes + specials, "at most ") when even a token per byte fits `limit`, and
+    (bytes / widest + specials, "at least ") when even the widest tokens exceed it; else `count()` tokenizes and the
+    qualifier is "". A checkpoint's own template (TemplateTokenizer) is always counted. So a 10 MB text is refused
+    in microseconds instead of tokenized for seconds."""
+    if type(tok) is ChatTokenizer:
+        if nbytes + specials <= limit:
+            return nbytes + specials, "at most "
+        fewest = -(-nbytes // tok.widest_token) + specials
+        if fewest > limit:
+            return fewest, "at least "
+    return count(), ""
+
+
 SYSTEM_SEPARATOR = "\n\n"  # between a folded system message and the first user message
 
 
@@ -325,13 +351,14 @@ def chat_template(special_tokens: Sequence[str]) -> str:
 
 
 def read_tokenizer(path: Path, fix: str) -> Tokenizer:
-    """The tokenizers.Tokenizer in `path`; a missing or unreadable file is refused, naming it and `fix`."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {fix}")
+    """The tokenizers.Tokenizer in `path`; a missing or unreadable file is refused, naming it and `fix` (and, where
+    the file is not even JSON, the line and column, which the Rust parser's message lacks for bytes)."""
+    require_file(path, fix)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # the Rust library raises a bare Exception for any unreadable file
-        raise ValueError(f"{path} is not a readable tokenizer ({err}): {fix}") from None
+        problem = json_problem(path.read_bytes())[0] or str(err)
+        raise ValueError(f"{path} is not a readable tokenizer ({problem}): {fix}") from None
 
 
 def load_tokenizer(special_tokens: Sequence[str], path: str | Path = TOKENIZER_FILE) -> ChatTokenizer:
@@ -349,9 +376,9 @@ def import_tokenizer(directory: Path, special_tokens: Sequence[str]) -> Tokenize
     Without a chat template of its own, any of the pipeline's special tokens it lacks are appended after its
     vocabulary (the pipeline's template needs them); with one, it is taken unchanged."""
     file = directory / "tokenizer.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"model.init_from: {file} not found: the pipeline needs a fast tokenizer's "
-                                "tokenizer.json (AutoTokenizer.from_pretrained(...).save_pretrained(DIR) writes one)")
+    require_file(file, "model.init_from needs a transformers fast tokenizer's tokenizer.json",
+                 missing=f"model.init_from: {file} not found: the pipeline needs a fast tokenizer's tokenizer.json "
+                         "(AutoTokenizer.from_pretrained(...).save_pretrained(DIR) writes one)")
     tok = read_tokenizer(file, "model.init_from needs a transformers fast tokenizer's tokenizer.json")
     if ChatTemplate.read(directory) is None:
         missing = [t for t in special_tokens if tok.token_to_id(t) is None]

@@ -21,7 +21,7 @@ from pipeline import paths
 from pipeline.config.evaluate import EvaluateConfig
 from pipeline.config.identity import run_id
 from pipeline.data.splits import SPLIT_FILES, cot_trigger, load_split
-from pipeline.data.tokenizer import ChatTokenizer, load_tokenizer
+from pipeline.data.tokenizer import ChatTokenizer, bounded_length, load_tokenizer
 from pipeline.evaluation.metrics import PromptSet, evaluate_checkpoint, reward_hacking
 from pipeline.inference.placement import launch
 from pipeline.inference.prompting import FewShotPool, PromptTemplates
@@ -80,10 +80,12 @@ def check_prompts(cfg: EvaluateConfig, tok: ChatTokenizer, block: int, rows: dic
         path = paths.PREPARED / SPLIT_FILES[split]
         for mode, ask, budget, template in asks:
             for i, row in enumerate(split_rows[: cfg.max_problems]):
-                n = len(tok.prompt(ask(row["prompt"])))
-                if n + getattr(cfg, budget) > block:
+                text, room = ask(row["prompt"]), getattr(cfg, budget)
+                n, qualifier = bounded_length(tok, len(text.encode()), 3, block - room,  # a 10 MB prompt: not tokenized
+                                              lambda text=text: len(tok.prompt(text)))
+                if n + room > block:
                     raise ValueError(f"model.block_size ({block}) is too small for {path}:{i + 1}: its {mode} "
-                                     f"prompt has {n} tokens and evaluate.{budget} ({getattr(cfg, budget)}) must fit "
+                                     f"prompt has {qualifier}{n} tokens and evaluate.{budget} ({room}) must fit "
                                      f"after it: raise model.block_size, lower evaluate.{budget} or shorten "
                                      f"evaluate.prompts.{template}")
 

@@ -62,29 +62,39 @@ def build_artifact(spec: Artifact, mode: str, metadata: dict | None = None):
 
 
 def log_lineage(run, chain: Chain, spec: StageSpec, cfg: Config, metrics: dict) -> dict[str, list[str]]:
-    """Record on `run` the objects the stage used and made (see the module doc); returns their names."""
+    """Record on `run` the objects the stage used and made (see the module doc); returns their names.
+
+    It runs after the stage's outputs are written, so an object that cannot be recorded (a directory W&B cannot
+    walk: a symbolic link loop in it) is left out with a warning, never failing the finished stage."""
     mode = cfg.logger.wandb.artifacts
     if mode == "none":
         return {"used": [], "made": []}
     used, made = stage_lineage(chain, spec, cfg)
     done: dict[str, list[str]] = {"used": [], "made": []}
-    for art in used:
-        if not Path(art.path).exists():  # an optional input this configuration does not have
-            continue
+    identity = run_identity(cfg)
+
+    def use(art: Artifact) -> None:
         draft = build_artifact(art, "reference")  # the same digest as the producer's copy, without copying
         if run.offline:  # use_artifact raises offline; this writes the record it would send
             run._log_artifact(draft, use_after_commit=True, is_user_created=True)
         else:
             run.use_artifact(draft)
-        done["used"].append(art.name)
-    identity = run_identity(cfg)
-    for art in made:
-        if not Path(art.path).exists():
-            continue
+
+    def make(art: Artifact) -> None:
         meta = {**identity, "stage": spec.name, "path": art.path, "labels": list(art.labels),
                 "metrics": flatten(metrics, sep="/")}
         run.log_artifact(build_artifact(art, mode, meta), aliases=[identity["run_id"]])
-        done["made"].append(art.name)
+
+    for how, arts, record in (("used", used, use), ("made", made, make)):
+        for art in arts:
+            if not Path(art.path).exists():  # an optional input this configuration does not have
+                continue
+            try:
+                record(art)
+            except Exception as err:  # W&B's own errors vary (OSError walking a directory, its API's errors)
+                log.warning("W&B lineage of %s: %s (%s) not recorded: %s", spec.name, art.name, art.path, err)
+                continue
+            done[how].append(art.name)
     return done
 
 

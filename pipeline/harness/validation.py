@@ -2,24 +2,29 @@
 
 Config is checked when it is loaded (pipeline.config.root); what remains is the disk. `check_inputs`
 refuses, within a second and with nothing written, a missing or damaged tokenizer, an upstream checkpoint
-that is missing, damaged, of the wrong kind or from another tokenizer (meta.json and the weights' header
-only), and a prepared split with a line that does not parse, a row without a field its readers need, or
-no rows; each message names the file (and line) and the stage to rerun. The checks only one or two stages
-need (token shards, SFT conversation lengths) are here too, called from those stages' `check`; evaluate's
-prompt lengths are checked beside evaluate (pipeline.evaluation.evaluate.check_prompts).
+that is missing, damaged, of the wrong kind, from another tokenizer or whose weights are not the shapes its
+meta.json describes (meta.json and the weights' header only), a prepared split with a line that does not parse,
+a row without a field its readers need (or of another type), no rows or another number of rows than the
+manifest records, and a symbolic link that leads nowhere (a loop, a missing target) anywhere under the inputs
+it reads, which the stage itself may never open but DVC and the W&B lineage walk. Each message names the file
+(and line) and the stage to rerun. The checks only one or two stages need (SFT conversation lengths, the
+prompts a stage samples after) are here too, called from those stages' `check`; evaluate's prompt lengths are
+checked beside evaluate (pipeline.evaluation.evaluate.check_prompts), the token shards beside their reader
+(pipeline.data.shards.check_token_shards), the pretraining corpus by the tokenizer stage's own `check` (which
+imports no torch).
 
 Stage modules call these from their `check(cfg, spec)`: this module is imported only by the stages that
 read such inputs, so that code is in no other stage's import closure (pipeline.harness.imports).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline import paths
 from pipeline.data.splits import SPLIT_FILES, load_split
-from pipeline.data.tokenizer import ChatTokenizer, load_tokenizer
+from pipeline.data.tokenizer import ChatTokenizer, bounded_length, load_tokenizer
+from pipeline.input_files import check_links
 from pipeline.model.handoff import check_checkpoint
 
 if TYPE_CHECKING:
@@ -44,44 +49,54 @@ class Inputs:
 
 def check_inputs(cfg: Config, spec: StageSpec) -> Inputs:
     """The tokenizer, every checkpoint `spec` reads under `cfg` and every split it reads, each checked."""
+    reads = spec.checkpoints_read(cfg)
+    check_links([*spec.inputs, *(paths.checkpoint_dir(name) for name in reads)])
     tok = load_tokenizer(cfg.tokenizer.special_tokens)
-    metas = {name: check_checkpoint(name, kind, tok.sha256, spec.producers.get(name))
-             for name, kind in spec.checkpoints_read(cfg).items()}
+    metas = {name: check_checkpoint(name, kind, tok.sha256, spec.producers.get(name)) for name, kind in reads.items()}
     rows = {split: load_split(paths.PREPARED, split) for split in spec.splits_read(cfg)}
     return Inputs(tok, metas, rows)
 
 
-def check_token_shards(tok: ChatTokenizer) -> None:
-    """Pretraining's token shards must come from the workspace's tokenizer."""
-    for split in ("pretrain", "pretrain_val"):
-        path = paths.TOKENS / f"{split}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run the tokenizer stage first (dvc repro tokenizer)")
-        try:
-            written_by = json.loads(path.read_text()).get("tokenizer_sha256")
-        except (ValueError, AttributeError) as err:
-            raise ValueError(f"{path} is damaged ({err}): rerun `dvc repro tokenizer`") from None
-        if written_by != tok.sha256:
-            raise ValueError(f"{path} was written by another tokenizer than the workspace's: rerun "
-                             "`dvc repro tokenizer`")
-
-
 def check_conversation_lengths(rows: list[dict], tok: ChatTokenizer, block: int) -> None:
     """Every SFT conversation must fit in model.block_size (row i is line i + 1: prepare writes no blank lines).
-    Under the pipeline's template a byte-level token spans at least one byte and a message adds at most two
-    special tokens, so only conversations whose bytes could exceed `block` are tokenized; a checkpoint's own
-    template (TemplateTokenizer) adds text of its own, so every conversation is."""
+    Under the pipeline's template a message adds at most two special tokens, so only conversations the bytes do not
+    decide are tokenized (`bounded_length`); a checkpoint's own template (TemplateTokenizer) adds text of its own, so
+    every conversation is."""
     path = paths.PREPARED / SPLIT_FILES["sft"]
-    bounded = type(tok) is ChatTokenizer
     for i, row in enumerate(rows):
         try:
-            if bounded and 1 + sum(len(m["content"].encode()) + 2 for m in row["messages"]) <= block:
-                continue
-            n = len(tok.chat(row["messages"])[0])
+            nbytes = sum(len(m["content"].encode()) for m in row["messages"])
+            n, qualifier = bounded_length(tok, nbytes, 1 + 2 * len(row["messages"]), block,
+                                          lambda row=row: len(tok.chat(row["messages"])[0]))
         except (KeyError, TypeError, AttributeError):
             raise ValueError(f"{path}:{i + 1}: field 'messages' must be a list of {{role, content}} messages: "
                              "rerun `dvc repro prepare`") from None
         if n > block:
-            raise ValueError(f"{path}:{i + 1}: the conversation has {n} tokens, more than model.block_size "
+            raise ValueError(f"{path}:{i + 1}: the conversation has {qualifier}{n} tokens, more than model.block_size "
                              f"({block}): raise model.block_size, or drop such rows (data.sources.sft.max_chars "
                              "for hub data) and rerun `dvc repro prepare`")
+
+
+def check_prompt_room(rows: list[dict], split: str, tok: ChatTokenizer, block: int, room: int, needs: str) -> None:
+    """Each row's prompt, asked as `tok.prompt` asks it, must leave `room` tokens of model.block_size for what
+    `needs` them (a sampled answer's budget, a preference pair's reply): a prompt that does not would fail the
+    sampling midway (or leave a pair with no reply to score)."""
+    path = paths.PREPARED / SPLIT_FILES[split]
+    for i, row in enumerate(rows):
+        n, qualifier = bounded_length(tok, len(row["prompt"].encode()), 3, block - room,
+                                      lambda row=row: len(tok.prompt(row["prompt"])))
+        if n + room > block:
+            raise ValueError(f"{path}:{i + 1}: the prompt has {qualifier}{n} tokens, and {needs} must fit after it "
+                             f"in model.block_size ({block}): raise model.block_size, or drop such rows "
+                             f"(data.sources.{split}.max_chars for hub data) and rerun `dvc repro prepare`")
+
+
+def check_sampled_prompts(inputs: Inputs, block: int, budgets: dict[str, int]) -> None:
+    """The prompts of the splits a preference or RL stage read: each preference pair's must leave room for a reply,
+    each RL prompt's for the largest of `budgets` ({setting: tokens sampled after a prompt})."""
+    if "preference" in inputs.rows:
+        check_prompt_room(inputs.rows["preference"], "preference", inputs.tok, block, 1, "a reply")
+    if "rl_prompts" in inputs.rows:
+        setting, budget = max(budgets.items(), key=lambda kv: kv[1], default=("", 1))
+        check_prompt_room(inputs.rows["rl_prompts"], "rl_prompts", inputs.tok, block, budget,
+                          f"{setting} ({budget})" if setting else "an answer")

@@ -42,6 +42,7 @@ from tokenizers import Tokenizer
 
 from pipeline.config.model import GPTConfig, ModelConfig
 from pipeline.data.tokenizer import import_tokenizer, load_tokenizer
+from pipeline.input_files import read_json, require_file
 from pipeline.io import atomic_dir, write_json
 from pipeline.model.gpt import GPT
 from pipeline.model.handoff import load_gpt
@@ -74,13 +75,12 @@ def require_transformers():
 def read_hf_config(path: Path) -> tuple[dict, str]:
     """DIR's config.json and its architecture (one of ARCHITECTURES), or an error naming the field."""
     file = path / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"model.init_from: {file} not found: not a transformers checkpoint directory "
-                                "(save_pretrained writes config.json beside the weights)")
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ValueError(f"model.init_from: {file} is not valid JSON ({err})") from None
+        config = read_json(file, "model.init_from needs the checkpoint's config.json as save_pretrained writes it",
+                           missing=f"model.init_from: {file} not found: not a transformers checkpoint directory "
+                                   "(save_pretrained writes config.json beside the weights)")
+    except ValueError as err:  # damaged, not an object, a link to nothing
+        raise ValueError(f"model.init_from: {err}") from None
     archs = config.get("architectures") or []
     by_type = {v: k for k, v in ARCHITECTURES.items()}
     arch = archs[0] if archs else by_type.get(config.get("model_type"))
@@ -270,19 +270,28 @@ def weight_files(path: Path) -> list[Path]:
             raise FileNotFoundError(f"model.init_from: {index} lists the shard {missing[0]}{more}, which is not in "
                                     f"{path}: copy or download every shard of the checkpoint")
         return [path / f for f in files]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
+    single = path / "model.safetensors"
+    if single.is_file() or single.is_symlink():
+        try:
+            require_file(single, "copy the checkpoint's weights file there")
+        except ValueError as err:  # a link to nothing, or a directory
+            raise ValueError(f"model.init_from: {err}") from None
+        return [single]
     raise FileNotFoundError(f"model.init_from: {path} has no model.safetensors or model.safetensors.index.json (a "
                             "pytorch_model.bin checkpoint: load it with transformers and save_pretrained it again, "
                             "which writes safetensors)")
 
 
-def _read(path: Path, tensors: bool) -> dict[str, torch.Tensor | None]:
-    out: dict[str, torch.Tensor | None] = {}
+def _read(path: Path, tensors: bool) -> dict[str, Any]:
+    """Every tensor of DIR's weights (`tensors`), else every tensor's shape (the headers only)."""
+    out: dict[str, Any] = {}
     for file in weight_files(path):
+        if file.stat().st_size == 0:
+            raise ValueError(f"model.init_from: {file} is not a readable safetensors file (it is empty)")
         try:
             with safe_open(str(file), "pt") as f:
-                out.update({k: f.get_tensor(k) if tensors else None for k in f.keys()})  # noqa: SIM118
+                out.update({k: f.get_tensor(k) if tensors else tuple(f.get_slice(k).get_shape())
+                            for k in f.keys()})  # noqa: SIM118
         except (SafetensorError, OSError) as err:
             raise ValueError(f"model.init_from: {file} is not a readable safetensors file ({err})") from None
     # GPT-2 checkpoints from old transformers versions lack the `transformer.` prefix
@@ -297,19 +306,49 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_weights(path: Path, cfg: GPTConfig, names: set[str] | None = None) -> None:
-    """Refuse weights that lack a tensor the model needs, or hold one it has no place for (headers only)."""
-    names = set(_read(path, tensors=False)) if names is None else names
+    """Refuse weights that lack a tensor the model needs, hold one it has no place for, or (`names` not given: read
+    from the headers) hold one of a shape `load_pretrained` could not copy."""
+    shapes = _read(path, tensors=False) if names is None else None
+    names = set(shapes) if shapes is not None else names
+    files = weight_files(path)
+    where = files[0] if len(files) == 1 else path  # the file, where there is one
     needed = {t for _, theirs, _ in weight_names(cfg, cfg.architecture or architecture(cfg)) for t in theirs}
     lacking = sorted(needed - names)
     if lacking:
         more = " ..." if len(lacking) > 3 else ""
-        raise ValueError(f"model.init_from: the weights in {path} lack {lacking[:3]}{more}, which its config.json "
+        raise ValueError(f"model.init_from: the weights in {where} lack {lacking[:3]}{more}, which its config.json "
                          "says the model has")
     extra = sorted(n for n in names - needed if not n.endswith(IGNORED) and not (n == "lm_head.weight"
                                                                               and cfg.tie_embeddings))
     if extra:
-        raise ValueError(f"model.init_from: the weights in {path} hold {extra[:3]}{' ...' if len(extra) > 3 else ''}, "
+        raise ValueError(f"model.init_from: the weights in {where} hold {extra[:3]}{' ...' if len(extra) > 3 else ''}, "
                          "which the pipeline's model has no place for (an architecture option it does not compute)")
+    problem = _shape_problem(cfg, shapes, read_hf_config(path)[0].get("vocab_size")) if shapes is not None else None
+    if problem:
+        raise ValueError(f"model.init_from: the weights in {where} hold {problem}: they are not the weights of the "
+                         f"model {path / 'config.json'} describes")
+
+
+def _shape_problem(cfg: GPTConfig, shapes: dict[str, tuple[int, ...]], vocab: int | None) -> str | None:
+    """The first checkpoint tensor(s) whose shape `load_pretrained` could not copy into a model of `cfg` (built on
+    the meta device), described, or None. The rules are load_pretrained's: embedding rows may be fewer (the
+    tokenizer stage added tokens) but are config.json's `vocab` where it has one, position rows more (a longer
+    context than model.block_size)."""
+    with torch.device("meta"):
+        params = dict(GPT(cfg).named_parameters())
+    for ours, theirs, transpose in weight_names(cfg, cfg.architecture or architecture(cfg)):
+        parts = [shapes[t][::-1] if transpose and t.endswith(".weight") else shapes[t] for t in theirs]
+        target = tuple(params[ours].shape)
+        same_width = all(p and p[1:] == parts[0][1:] for p in parts)
+        rows = sum(p[0] for p in parts) if same_width else -1
+        embedding = 0 < rows <= target[0] and rows == (vocab or rows)
+        rows_ok = {"wte.weight": embedding, "lm_head.weight": embedding,
+                   "wpe.weight": rows >= target[0]}.get(ours, rows == target[0])
+        if not same_width or parts[0][1:] != target[1:] or not rows_ok:
+            held = ", ".join(f"{t} of shape {list(shapes[t])}" for t in theirs)
+            layout = " (stored transposed)" if transpose else ""
+            return f"{held} where the model needs {list(target)}{layout} for its {ours}"
+    return None
 
 
 def check_pretrained(model: ModelConfig, tokenizer_vocab: int) -> GPTConfig:

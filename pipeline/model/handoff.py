@@ -5,23 +5,26 @@ loading can't execute code) and `meta.json` (which stage wrote it, the model con
 the tokenizer it was trained with, the step and the run id). Loading checks the stage kind and the
 tokenizer hash and refuses a mismatch with a message saying what to rerun; `check_checkpoint` does the
 same from meta.json and the weights file's header alone, so a stage can refuse its inputs before any work.
-A damaged meta.json or weights file is refused the same way, naming the file.
+A damaged meta.json or weights file is refused the same way, naming the file, and so are weights whose header
+does not hold exactly the tensors, of the shapes, of the model meta.json describes (built on the meta device:
+no memory, no initialisation).
 
 `producer`, where a caller knows it (the chain does: pipeline.registry.Chain.producer), names the stage
 to rerun in those messages.
 """
 from __future__ import annotations
 
-import json
+import math
 import time
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 from pipeline.config.identity import run_identity
 from pipeline.config.model import GPTConfig
+from pipeline.input_files import json_type, read_json, require_file
 from pipeline.io import atomic_dir, write_json
 from pipeline.model.gpt import GPT
 from pipeline.model.heads import ScalarHead
@@ -46,22 +49,34 @@ def checkpoint_meta(cfg: Config, tok: ChatTokenizer, model: GPT, kind: str, **ex
 def save_checkpoint(name: str, model: torch.nn.Module, meta: dict) -> None:
     """Write `model` and `meta` as checkpoint `name`, atomically."""
     with atomic_dir(checkpoint_dir(name)) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(_untied(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "meta.json", {"name": name, **meta})
+
+
+def _untied(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with each tied tensor once, under the first of its names in sorted order, the one
+    safetensors' `save_model` keeps (and `load_model` ties back). `save_model` itself also records every dropped
+    name in the file's metadata, which the Rust writer orders at random: a model with two tied pairs (the reward
+    model with its likelihood term) came out as different bytes from run to run, which DVC takes for a new model."""
+    state = model.state_dict()
+    tied: dict[object, list[str]] = {}
+    for key, tensor in state.items():
+        same = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        tied.setdefault(same if tensor.numel() else key, []).append(key)
+    return {min(keys): state[min(keys)].contiguous() for keys in tied.values()}
 
 
 def read_meta(name: str, producer: str | None = None) -> dict:
     d = checkpoint_dir(name)
     path = d / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {name!r} not found in {d}: run {_rerun(name, producer)} first")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} is damaged ({err}): rerun {_rerun(name, producer)}") from None
-    missing = [key for key in ("kind", "model") if key not in meta] if isinstance(meta, dict) else ["kind", "model"]
+    rerun = f"rerun {_rerun(name, producer)}"
+    meta = read_json(path, rerun, missing=f"checkpoint {name!r} not found in {d}: run {_rerun(name, producer)} first")
+    missing = [key for key in ("kind", "model") if key not in meta]
     if missing:
-        raise ValueError(f"{path} lacks {missing}: it is not a checkpoint's meta.json; rerun {_rerun(name, producer)}")
+        raise ValueError(f"{path} lacks {missing}: it is not a checkpoint's meta.json; {rerun}")
+    if not isinstance(meta["model"], dict):
+        raise ValueError(f"{path}: its field 'model' is {json_type(meta['model'])}, not the object of the model's "
+                         f"shape: {rerun}")
     return meta
 
 
@@ -79,18 +94,56 @@ def check_checkpoint(name: str, kind: str, tokenizer_sha256: str | None = None, 
     d = checkpoint_dir(name)
     if meta["kind"] != kind:
         what = " (a language model)" if kind == "gpt" else ""
-        raise ValueError(f"{d} holds a {meta['kind']!r} checkpoint (written as {meta.get('name')!r}), expected "
-                         f"{kind!r}{what} for checkpoint {name!r}: rerun {_rerun(name, producer)}")
+        raise ValueError(f"{d} holds a {meta['kind']!r} checkpoint ({d / 'meta.json'}: written as "
+                         f"{meta.get('name')!r}), expected {kind!r}{what} for checkpoint {name!r}: rerun "
+                         f"{_rerun(name, producer)}")
     check_tokenizer(meta, tokenizer_sha256)
     weights = d / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: rerun {_rerun(name, producer)}")
+    rerun = f"rerun {_rerun(name, producer)}"
+    require_file(weights, rerun, missing=f"{weights} not found: {rerun}")
+    if weights.stat().st_size == 0:
+        raise ValueError(f"{weights} is damaged (it is empty): {rerun}")
     try:
-        with safe_open(str(weights), "pt"):
-            pass
+        with safe_open(str(weights), "pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights} is damaged ({err}): rerun {_rerun(name, producer)}") from None
+        raise ValueError(f"{weights} is damaged ({err}): {rerun}") from None
+    problem = _shape_problem(shapes, _module_on_meta(kind, meta, d / "meta.json", rerun))
+    if problem:
+        raise ValueError(f"{weights} {problem}, which {d / 'meta.json'} describes: the two files are not one "
+                         f"checkpoint; {rerun}")
     return meta
+
+
+def _module_on_meta(kind: str, meta: dict, where: object, rerun: str) -> torch.nn.Module:
+    """The module a `kind` checkpoint with `meta` loads into, on the meta device (shapes only)."""
+    try:
+        config = GPTConfig.from_dict(meta["model"])
+    except ValueError as err:
+        raise ValueError(f"{where}: its field 'model' is not a model's shape ({err}): {rerun}") from None
+    with torch.device("meta"):
+        gpt = GPT(config)
+        return ScalarHead(gpt, bool(meta.get("likelihood_term", False))) if kind == "reward" else gpt
+
+
+def _shape_problem(shapes: dict[str, tuple[int, ...]], module: torch.nn.Module) -> str | None:
+    """What keeps weights with header `shapes` from loading into `module` (as safetensors' load_model would), or
+    None. Tied parameters are saved under one of their names."""
+    expected = module.state_dict(keep_vars=True)
+    tied: dict[int, list[str]] = {}
+    for key, tensor in expected.items():
+        tied.setdefault(id(tensor), []).append(key)
+    lacking = [names[0] for names in tied.values() if not any(n in shapes for n in names)]
+    if lacking:
+        return f"lacks the tensor {lacking[0]!r}" + (f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else "")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        return f"holds the tensor {extra[0]!r}, which the model has no place for"
+    for key, shape in shapes.items():
+        want = tuple(expected[key].shape)
+        if shape != want and not (math.prod(shape) == math.prod(want) == 1):  # lm_scale was once 0-d
+            return f"holds {key!r} of shape {list(shape)} where the model needs {list(want)}"
+    return None
 
 
 def _load_weights(name: str, module: torch.nn.Module, producer: str | None) -> None:
