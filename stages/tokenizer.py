@@ -30,10 +30,6 @@ def check(cfg: Config, spec: StageSpec) -> None:
     from pipeline.data.shards import SPLITS
     from pipeline.data.splits import load_split
     from pipeline.input_files import check_links
-    check_links(spec.inputs)
-    if cfg.data.corpus.source == "generated":  # read by `datasets`, which reads the rows load_split checks
-        for split in SPLITS:
-            load_split(paths.PREPARED, split)
     init_dir = cfg.model.init_dir()  # a checkpoint to take the tokenizer from must be there
     if init_dir is not None:  # with a chat template whose replies can be found, if it has one
         from pipeline.data.tokenizer import import_chat_template, import_tokenizer
@@ -41,6 +37,10 @@ def check(cfg: Config, spec: StageSpec) -> None:
         tok = import_tokenizer(init_dir, cfg.tokenizer.special_tokens)
         import_chat_template(init_dir, tok)
         check_pretrained(cfg.model, tok.get_vocab_size())  # an architecture pretrain could not import: refused now
+    check_links(spec.inputs)
+    if cfg.data.corpus.source == "generated":  # read by `datasets`, which reads the rows load_split checks
+        for split in SPLITS:
+            load_split(paths.PREPARED, split)
 
 
 def run(cfg: Config, spec: StageSpec) -> dict:
