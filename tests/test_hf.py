@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from pipeline.config.model import GPTConfig, ModelConfig
@@ -129,10 +130,15 @@ def test_transformers_pipeline_replies_greedily_within_the_context_by_default(tm
     ours = generate(model, [prompt], SamplingConfig(max_new_tokens=48, temperature=0.0), stop_id=tok.end_id,
                     pad_id=tok.pad_id)[0]
     chat = transformers.pipeline("text-generation", model=str(tmp_path / "hf"))
+    # before 5.16 the pipeline's own do_sample=True beats the model's do_sample=false (docs/huggingface.md): there
+    # (CI's lowest-direct run, transformers 4.56) the documented workaround is what is checked, and the reply is cut
+    # from the decoded text by characters, so this tokenizer (no decoder: tokens joined by spaces) leaves one space
+    older = Version(transformers.__version__) < Version("5.16")
     replies = []
     for seed in (0, 1):
         transformers.set_seed(seed)
-        replies.append(chat(messages)[0]["generated_text"][-1]["content"])
+        reply = chat(messages, **({"do_sample": False} if older else {}))[0]["generated_text"][-1]["content"]
+        replies.append(reply.removeprefix(" ") if older else reply)
     assert replies == [tok.decode(tok.strip_response(ours))] * 2
     assert len(prompt) + len(ours) == 48  # the random model never says <|end|>: the reply fills the context
 

@@ -135,8 +135,9 @@ def test_an_interrupted_training_stage_keeps_its_outputs_and_the_next_repro_resu
     if signum == signal.SIGINT:
         os.killpg(proc.pid, signum)
     else:
+        # the stage's own python process, not a shell DVC may start it through (`$SHELL -c "python -m stages.sft"`)
         stage_pid = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and
-                         f"stages.{stage}".encode() in _cmdline(p) and _sid(p) == proc.pid)
+                         _cmdline(p).split(b"\0")[1:3] == [b"-m", f"stages.{stage}".encode()] and _sid(p) == proc.pid)
         os.kill(stage_pid, signum)
     assert proc.wait(timeout=120) != 0
     text = log.read_text()
