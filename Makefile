@@ -1,6 +1,7 @@
 # `make run`: set up .venv and run the whole lifecycle with `dvc repro`.
-# `make test`: set up .venv (.[test,sweep] at requirements/lock.txt's versions), lint with ruff, and run the test suite
-# (2 pytest-xdist workers). `make lock`: re-resolve the lock after editing pyproject.toml (docs/dependencies.md).
+# `make test`: set up .venv (.[test,sweep] at requirements/lock.txt's versions), lint with ruff, and run the tests not
+# marked slow; `make test-all` (what CI runs) runs them all.
+# Both on 2 pytest-xdist workers. `make lock`: re-resolve the lock after editing pyproject.toml (docs/dependencies.md).
 # `make plots`: rewrite the offline page template of `dvc plots show` (make install writes it once; docs/loggers.md).
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +19,7 @@ FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 INSTALL_LOCK := $(if $(PIP_FIND_LINKS),$(LOCK),$(VENV)/lock-pypi-torch.txt)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test lint install lock plots params dvc.yaml clean
+.PHONY: run test test-all lint install lock plots params dvc.yaml clean
 
 $(UV):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,11 +64,17 @@ lint: install
 	@$(PY) -m ruff check .
 
 # 2 pytest-xdist workers, one test at a time each; tests/conftest.py groups the tests that share an expensive
-# session fixture or start processes of their own. `make test PYTEST_WORKERS=0` runs the suite in one process.
+# session fixture or start processes of their own. `make test` runs the tests not marked `slow` (~5 min on 2 cores);
+# `make test-all` runs every test (~14 min: the end-to-end DVC, kill/resume and multi-process runs), as CI does.
+# `make test PYTEST_WORKERS=0` runs in one process.
 PYTEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+NO_TESTS := if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 test: lint
-	@OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+	@$(PYTEST) -m "not slow"; rc=$$?; $(NO_TESTS)
+
+test-all: lint
+	@$(PYTEST); rc=$$?; $(NO_TESTS)
 
 # the two files derived from the project: params.yaml from conf/, dvc.yaml from the chain in stages/
 params: install

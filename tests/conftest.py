@@ -45,8 +45,8 @@ def micro_config(*overrides: str):
     return load_config(compose_micro(*overrides))
 
 
-# pytest-xdist (`make test`: -n 2 --dist loadgroup) runs each group of tests on one worker, in collection order, and
-# gives each worker process its own session and module fixtures. The tests that read `micro_repo` (~200 s to
+# pytest-xdist (`make test[-all]`: -n 2 --dist loadgroup) runs each group of tests on one worker, in collection order,
+# and gives each worker process its own session and module fixtures. The tests that read `micro_repo` (~200 s to
 # build) are one group; those that read `micro_chain` another, joined by the tests that start 2+ processes of
 # their own (gloo ranks, torchrun: mark them `multiprocess`), so at most one of those runs at a time. Tests that
 # read both are in the micro_repo group (that worker builds micro_chain too, ~15 s). Every other test is grouped

@@ -39,7 +39,7 @@ Skipped combinations, and why:
 - bytes flipped where nothing can see it: in a safetensors file's tensor data and to an id still in the
   vocabulary in a shard (neither format has a checksum; DVC's hashes in dvc.lock cover them).
 
-Marked slow (still run by `make test`): the cases of the transformers directory (`model.init_from=hf:DIR`, a tiny
+Marked slow (run by `make test-all` and CI): the cases of the transformers directory (`model.init_from=hf:DIR`, a tiny
 random Llama with its chat template saved with save_pretrained: building it costs transformers' import), the
 subprocesses that import torch, and the accepted damages that rerun reward, align, pretrain, or sft a second
 time. In the default tier a refusal takes about 0.1 s; its accepted cases rerun sft, evaluate and the tokenizer

@@ -35,7 +35,9 @@ def pipeline_cmd(cwd: Path, *overrides: str, timeout: int = 300) -> str:
     proc = subprocess.run([sys.executable, "-m", "pipeline", *COMMON, *overrides, "hydra.run.dir=."], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout,
                           env=venv_env(OMP_NUM_THREADS="1", WANDB_MODE="offline"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a rank that crashes shows first in the log; the other rank's "Connection closed by peer" last
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line]
+    assert proc.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
